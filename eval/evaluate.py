@@ -1,0 +1,95 @@
+"""Evaluation: greedy accuracy, pass@k (unbiased) and maj@k of one model on held-out problems.
+
+Command: ``restem-eval iteration=0`` evaluates the base model, ``iteration=k`` evaluates ``iter_k/model``.
+Writes ``metrics.json`` and ``per_problem.parquet`` into the stage folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import polars as pl
+from omegaconf import DictConfig
+
+from eval.metrics import aggregate, problem_metrics
+from factory.config import hydra_entry
+from factory.rundir import STAGE_FILE, atomic_dir, mark_done, write_json
+
+
+def evaluate_model(*, model_path, task, problems: list[dict], settings: DictConfig, out_dir: Path,
+                   dtype: str = "float32", label: str = "eval") -> dict:
+    """Evaluates one model and writes its results to ``out_dir`` atomically.
+
+    Greedy accuracy uses one greedy completion per problem; pass@k and maj@k use ``settings.num_samples``
+    samples per problem at ``settings.temperature`` / ``settings.top_p``. Correctness is the final answer
+    (``answer`` strictness), the paper's metric.
+    """
+    from factory.models import load_model, load_tokenizer
+    from factory.sample import generate
+
+    if not problems:
+        raise ValueError(f"no problems to evaluate on split {settings.split!r}")
+    start = time.time()
+    model, tokenizer = load_model(model_path, dtype=dtype), load_tokenizer(model_path)
+    prompts = [task.format_prompt(p) for p in problems]
+    n = int(settings.num_samples)
+    batch, max_new = int(settings.batch_size), int(settings.max_new_tokens)
+    # Greedy calls carry one sequence per prompt: give them as many sequences per call as sampled ones.
+    greedy = generate(model, tokenizer, prompts, num_samples=1, temperature=0.0, seed=0, max_new_tokens=max_new,
+                      batch_size=batch * n, desc=f"{label} greedy")
+    sampled = generate(model, tokenizer, prompts, num_samples=n, temperature=float(settings.temperature),
+                       top_p=float(settings.top_p), seed=1, max_new_tokens=max_new, batch_size=batch,
+                       desc=f"{label} pass@k")
+    greedy_verdicts = task.verify(problems, [g[0]["completion"] for g in greedy], strictness="answer")
+    flat_problems = [p for p, s in zip(problems, sampled, strict=True) for _ in s]
+    flat_verdicts = task.verify(flat_problems, [x["completion"] for s in sampled for x in s], strictness="answer")
+    ks = sorted(int(k) for k in settings.ks)
+    rows, per_problem = [], []
+    for i, (problem, g, gv) in enumerate(zip(problems, greedy, greedy_verdicts, strict=True)):
+        verdicts = flat_verdicts[i * n:(i + 1) * n]
+        metrics = problem_metrics(
+            gold=problem["answer"], greedy_correct=gv["reward"] > 0, sample_answers=[v["answer"] for v in verdicts],
+            sample_correct=[v["reward"] > 0 for v in verdicts], ks=ks,
+        )
+        per_problem.append(metrics)
+        rows.append({
+            "problem_id": problem["problem_id"], "num_steps": problem.get("num_steps"), "gold": problem["answer"],
+            "greedy_completion": g[0]["completion"], "greedy_status": gv["status"],
+            "greedy_correct": metrics["greedy_correct"], "num_samples": n, "num_correct": metrics["num_correct"],
+            "sample_answers": [v["answer"] for v in verdicts],
+        })
+    result = aggregate(per_problem, ks)
+    result["seconds"] = round(time.time() - start, 3)
+    result["model"] = str(model_path)
+    result["split"] = settings.split
+    with atomic_dir(Path(out_dir)) as tmp:
+        pl.DataFrame(rows).write_parquet(tmp / "per_problem.parquet")
+        write_json(tmp / "metrics.json", result)
+        mark_done(tmp, seconds=result["seconds"])
+    return result
+
+
+def run(cfg: DictConfig) -> dict:
+    from factory.base_model import ensure_base_model
+    from factory.rundir import RunDir, read_json
+    from factory.tasks import build_task
+
+    run_dir = RunDir(cfg.paths.run_dir)
+    k = int(cfg.iteration)
+    out = run_dir.stage(k, "eval")
+    if (out / STAGE_FILE).exists():
+        return read_json(out / "metrics.json")
+    model_path = ensure_base_model(cfg) if k == 0 else run_dir.stage(k, "model")
+    if k > 0 and not run_dir.is_done(k, "model"):
+        raise FileNotFoundError(f"no finished model at {model_path}: run restem-train iteration={k} first")
+    task = build_task(cfg.task)
+    result = evaluate_model(model_path=model_path, task=task,
+                            problems=task.load_problems(split=cfg.eval.split, limit=cfg.eval.limit),
+                            settings=cfg.eval, out_dir=out, dtype=cfg.model.dtype, label=f"eval iter {k}")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+main = hydra_entry(run)

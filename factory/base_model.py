@@ -1,0 +1,80 @@
+"""The base model p0: a Hub model by name/path, or the tiny local model pretrained on human seeds.
+
+Command: ``restem-base`` builds (or finds in the cache) the base model of the current config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from factory.config import hydra_entry
+from factory.rundir import STAGE_FILE
+
+log = logging.getLogger(__name__)
+
+# Task keys that change the human seed data; the others (train/test sizes, reward) do not touch p0.
+_HUMAN_DATA_KEYS = ("name", "seed", "num_human", "human_min_steps", "human_max_steps", "max_operand", "max_value")
+
+
+def base_model_key(cfg: DictConfig) -> str:
+    """A short fingerprint of everything that determines the tiny base model."""
+    task = OmegaConf.to_container(cfg.task, resolve=True)
+    payload = {
+        "tiny": OmegaConf.to_container(cfg.model.tiny, resolve=True),
+        "pretrain": OmegaConf.to_container(cfg.model.pretrain, resolve=True),
+        "task": {k: task.get(k) for k in _HUMAN_DATA_KEYS},
+        "trainer_seed": cfg.trainer.seed,
+        "format": 1,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def ensure_base_model(cfg: DictConfig) -> Path | str:
+    """Returns the base model's location, pretraining the tiny model once per settings (cached).
+
+    Returns the Hub name/path unchanged when ``model.name_or_path`` is set.
+    """
+    if cfg.model.name_or_path:
+        return cfg.model.name_or_path
+    out_dir = Path(cfg.paths.cache_dir) / "base_models" / f"{cfg.model.name}-{base_model_key(cfg)}"
+    if (out_dir / STAGE_FILE).is_file():
+        return out_dir
+    log.info("pretraining the tiny base model on the human seed split -> %s", out_dir)
+    try:
+        _pretrain_tiny(cfg, out_dir)
+    except FileExistsError:
+        pass  # another job (e.g. a parallel sweep point) finished the same base model first
+    return out_dir
+
+
+def _pretrain_tiny(cfg: DictConfig, out_dir: Path) -> None:
+    from factory.models import build_tiny_model, train_char_tokenizer
+    from factory.tasks import build_task
+    from train.finetune import fine_tune, human_pairs
+
+    pairs = human_pairs(build_task(cfg.task))
+    tokenizer = train_char_tokenizer([p["prompt"] + p["completion"] for p in pairs])
+    tiny = cfg.model.tiny
+    model = build_tiny_model(
+        tokenizer, hidden_size=tiny.hidden_size, num_layers=tiny.num_layers, num_heads=tiny.num_heads,
+        intermediate_size=tiny.intermediate_size, max_position_embeddings=tiny.max_position_embeddings,
+        seed=int(cfg.trainer.seed),
+    )
+    # Same Lightning code and trainer as the M-step, with the pretraining budget and learning rate.
+    settings = OmegaConf.merge(cfg.trainer, OmegaConf.to_container(cfg.model.pretrain))
+    fine_tune(model=model, tokenizer=tokenizer, pairs=pairs, out_dir=out_dir, settings=settings,
+              desc="base pretraining", extra_info={"key": base_model_key(cfg)})
+
+
+def run(cfg: DictConfig) -> dict:
+    path = ensure_base_model(cfg)
+    print(f"base model: {path}")
+    return {"base_model": str(path)}
+
+
+main = hydra_entry(run)

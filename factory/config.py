@@ -1,0 +1,220 @@
+"""Typed config schemas (Hydra structured configs) and helpers shared by every entry point.
+
+The YAML files under ``conf/`` extend these schemas, so a misspelt key (``sampler.temprature=0.7``) fails
+at compose time with the key's name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class PathsConfig:
+    run_dir: str = MISSING  # every stage reads and writes only under here (stable across resumes)
+    cache_dir: str = ".cache/restem"  # base models trained locally, keyed by their settings
+    data_dir: str = "../shared/datasets"  # benchmark JSONL files (not needed by the arith default)
+
+
+@dataclass
+class ArithTaskConfig:
+    name: str = "arith"
+    seed: int = 0
+    num_human: int = 250  # human-written seed solutions (base pretraining and the SFT baseline)
+    num_train: int = 2000  # problems the E-step samples on (answers only are used)
+    num_validation: int = 500  # for tuning; never tune on test
+    num_test: int = 500
+    min_steps: int = 1
+    max_steps: int = 4
+    human_min_steps: int = 1
+    human_max_steps: int = 4
+    max_operand: int = 5
+    max_value: int = 30
+    strictness: str = "steps"  # E-step reward: "answer" (outcome only, the paper) or "steps"
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4  # head_dim = hidden_size / num_heads must be >= 32 for vLLM's CPU kernels
+    intermediate_size: int = 512
+    max_position_embeddings: int = 512
+
+
+@dataclass
+class PretrainConfig:
+    max_steps: int = 2400
+    batch_size: int = 4
+    lr: float = 1.5e-3
+    warmup_steps: int = 100
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    name_or_path: str | None = None  # Hub name or local folder; null builds the tiny model locally
+    dtype: str = "float32"
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+
+
+@dataclass
+class SamplerConfig:
+    backend: str = "hf"
+    num_samples: int = 8  # K samples per training problem
+    temperature: float = 0.8
+    top_k: int = 40  # 0 disables
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+    batch_size: int = 16  # prompts per generate call (x num_samples sequences; small batches are faster on CPU)
+    shard_size: int = 500  # problems per parquet shard (the unit of resume)
+    seed: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "cpu"
+    devices: Any = 1
+    strategy: str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"
+    max_steps: int = 600  # optimizer steps per M-step (and for the SFT baseline: same budget)
+    batch_size: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # linear decay to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    seed: int = 0
+    progress_bar: bool = True
+
+
+@dataclass
+class SnapshotConfig:
+    max_per_problem: int = 10  # the paper's cap, so easy problems do not dominate
+    dedupe: bool = True
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    num_samples: int = 8  # samples per problem for pass@k and maj@k
+    ks: list[int] = field(default_factory=lambda: [1, 4, 8])
+    temperature: float = 1.0  # the paper's pass@k setting
+    top_p: float = 0.95
+    max_new_tokens: int = 64
+    batch_size: int = 16  # prompts per sampled call; greedy calls take batch_size * num_samples prompts
+    limit: int | None = None  # evaluate only the first N problems of the split
+
+
+@dataclass
+class LoopConfig:
+    iterations: int = 3
+    include_human_data: bool = False  # add the human seeds to each M-step (ReST, not ReST-EM)
+    sft_baseline: bool = True
+    stop_on_empty_snapshot: bool = True
+
+
+@dataclass
+class RestemConfig:
+    name: str = MISSING
+    seed: int = 0
+    iteration: int = 1  # used by the single-stage commands (restem-sample iteration=2, ...)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    task: Any = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+
+
+def register_configs() -> None:
+    """Registers the schemas in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="restem_schema", node=RestemConfig)
+    cs.store(group="task", name="arith_schema", node=ArithTaskConfig)
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """Composes ``conf/config.yaml`` outside of ``@hydra.main`` (tests, notebooks)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    validate(cfg)
+    return cfg
+
+
+_CHOICES = {
+    "sampler.backend": ("hf",),
+    "task.strictness": ("answer", "steps"),
+    "eval.split": ("validation", "test"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+}
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks values the schema's types cannot express; raises ValueError naming the key."""
+    for key, allowed in _CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value not in allowed:
+            raise ValueError(f"config error: {key}={value!r}; allowed: {', '.join(allowed)}")
+    positive = ["sampler.num_samples", "sampler.batch_size", "sampler.shard_size", "sampler.max_new_tokens",
+                "trainer.max_steps", "trainer.batch_size", "eval.num_samples", "eval.batch_size",
+                "snapshot.max_per_problem"]
+    for key in positive:
+        if OmegaConf.select(cfg, key) < 1:
+            raise ValueError(f"config error: {key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.loop.iterations < 0:
+        raise ValueError(f"config error: loop.iterations must be >= 0, got {cfg.loop.iterations}")
+    if not 0.0 <= cfg.sampler.temperature:
+        raise ValueError(f"config error: sampler.temperature must be >= 0, got {cfg.sampler.temperature}")
+    for key in ("sampler.top_p", "eval.top_p"):
+        if not 0.0 < OmegaConf.select(cfg, key) <= 1.0:
+            raise ValueError(f"config error: {key} must be in (0, 1], got {OmegaConf.select(cfg, key)}")
+    bad_ks = [k for k in cfg.eval.ks if k < 1]
+    if bad_ks:
+        raise ValueError(f"config error: eval.ks must be >= 1, got {list(cfg.eval.ks)}")
+    if cfg.model.name_or_path is None:
+        tiny = cfg.model.tiny
+        if tiny.hidden_size % tiny.num_heads or tiny.hidden_size // tiny.num_heads < 32:
+            raise ValueError(
+                "config error: model.tiny.hidden_size / model.tiny.num_heads must be an integer >= 32 "
+                f"(vLLM's CPU attention kernels), got {tiny.hidden_size}/{tiny.num_heads}"
+            )
+
+
+def hydra_entry(run_fn: Callable[[DictConfig], dict]) -> Callable[[], None]:
+    """Turns a plain ``run(cfg) -> dict`` into a console-script ``main`` (a thin ``@hydra.main``).
+
+    The schemas are registered before Hydra composes, so a misspelt key fails naming the key.
+    """
+
+    def main() -> None:
+        import hydra
+
+        register_configs()
+
+        @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+        def _main(cfg: DictConfig) -> None:
+            validate(cfg)
+            run_fn(cfg)
+
+        _main()
+
+    return main

@@ -1,0 +1,128 @@
+"""The run directory: the one contract between stages.
+
+Layout (see README): ``iter_k/{samples,verdicts,dataset,model,eval}``, ``sft_human/{model,eval}``,
+``summary.json``, ``report.md``, ``plots/``. A stage writes into a temporary sibling and renames it into
+place when complete, so a crash never leaves a half-written stage that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+RUN_FORMAT_VERSION = 1  # bump when the layout changes incompatibly
+STAGE_FILE = "stage.json"
+
+
+class RunDir:
+    """Paths of one run; every stage asks here instead of building paths from strings."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def iteration(self, k: int | str) -> Path:
+        return self.root / (k if isinstance(k, str) else f"iter_{k}")
+
+    def stage(self, k: int | str, name: str) -> Path:
+        return self.iteration(k) / name
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    def is_done(self, k: int | str, name: str) -> bool:
+        return (self.stage(k, name) / STAGE_FILE).is_file()
+
+    def stage_info(self, k: int | str, name: str) -> dict:
+        path = self.stage(k, name) / STAGE_FILE
+        return read_json(path) if path.is_file() else {}
+
+    def init(self, cfg: DictConfig) -> None:
+        """Creates the run dir, refuses one written by an incompatible version, saves the config."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        marker = self.root / "run_format.json"
+        if marker.exists():
+            found = read_json(marker).get("version")
+            if found != RUN_FORMAT_VERSION:
+                raise RuntimeError(
+                    f"run directory {self.root} was written by run format {found}; this version reads "
+                    f"format {RUN_FORMAT_VERSION}. Use a new paths.run_dir (nothing was changed)."
+                )
+        else:
+            write_json(marker, {"version": RUN_FORMAT_VERSION})
+        write_text(self.root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yields a temporary sibling of ``final``; renames it to ``final`` only if the block succeeds."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        # An unfinished stage from an earlier crash (no stage.json) is replaced; a finished one never is.
+        if (final / STAGE_FILE).exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FileExistsError(f"{final} is a finished stage and is never overwritten")
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def mark_done(stage_dir: Path, *, seconds: float, **info: Any) -> None:
+    """Writes ``stage.json``: its presence is what makes a stage count as finished."""
+    write_json(Path(stage_dir) / STAGE_FILE, {"seconds": round(seconds, 3), "finished_at": time.time(), **info})
+
+
+def write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"corrupt JSON file {path}: {err}") from err
+
+
+def read_parquet(path: Path, columns: list[str] | None = None):
+    """Reads one parquet file; a damaged file is named in the error with what to do about it."""
+    import polars as pl
+
+    try:
+        return pl.read_parquet(path, columns=columns)
+    except Exception as err:  # polars raises several types for damaged files
+        raise ValueError(f"corrupt parquet shard {path}: {err}. Delete it and rerun to regenerate it.") from err
+
+
+def read_shards(stage_dir: Path, columns: list[str] | None = None):
+    """Reads and concatenates a stage's ``shard-*.parquet`` files in order."""
+    import polars as pl
+
+    paths = sorted(Path(stage_dir).glob("shard-*.parquet"))
+    if not paths:
+        raise FileNotFoundError(f"no parquet shards in {stage_dir}")
+    return pl.concat([read_parquet(p, columns) for p in paths])

@@ -1,0 +1,147 @@
+"""Snapshot: samples + verdicts -> kept (correct), deduplicated, capped, versioned Hugging Face dataset.
+
+Command: ``restem-snapshot iteration=2``. The output folder loads with ``datasets.load_from_disk`` and
+carries a dataset card (README.md with YAML metadata) and ``manifest.json`` (fingerprint and lineage).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import polars as pl
+import yaml
+from omegaconf import DictConfig
+
+from factory.config import hydra_entry
+from factory.rundir import STAGE_FILE, atomic_dir, mark_done, read_shards, write_json, write_text
+
+DATASET_COLUMNS = ["problem_id", "sample_idx", "prompt", "completion", "num_tokens", "answer", "steps_valid"]
+
+
+def select_kept(samples: pl.DataFrame, verdicts: pl.DataFrame, *, max_per_problem: int, dedupe: bool) -> tuple[
+        pl.DataFrame, dict]:
+    """Joins samples with verdicts and keeps the correct ones, deduplicated and capped per problem.
+
+    Returns:
+        (kept rows ordered by problem and sample index, counts per status and filter step)
+    """
+    key = ["problem_id", "sample_idx"]
+    if samples.height != verdicts.height:
+        raise ValueError(f"{samples.height} samples but {verdicts.height} verdicts: verification is incomplete")
+    joined = samples.join(verdicts.drop([c for c in verdicts.columns if c in samples.columns and c not in key]),
+                          on=key, how="inner")
+    if joined.height != samples.height:
+        raise ValueError("samples and verdicts do not match one to one on (problem_id, sample_idx)")
+    correct = joined.filter(pl.col("reward") > 0).sort(key)
+    deduped = correct.unique(subset=["problem_id", "completion"], keep="first", maintain_order=True) if dedupe \
+        else correct
+    # The paper caps kept solutions per problem (10) so easy problems do not dominate the M-step.
+    kept = deduped.filter(pl.int_range(pl.len()).over("problem_id") < max_per_problem)
+    counts = {
+        "num_samples": joined.height,
+        "status_counts": dict(sorted(joined.group_by("status").len().iter_rows())),
+        "num_correct": correct.height,
+        "num_after_dedupe": deduped.height,
+        "num_kept": kept.height,
+        "num_problems": joined["problem_id"].n_unique(),
+        "num_problems_solved": kept["problem_id"].n_unique(),
+    }
+    return kept.select([c for c in DATASET_COLUMNS if c in kept.columns]), counts
+
+
+def fingerprint(paths: list[Path], settings: dict) -> str:
+    """sha256 over the input shards' bytes and the settings that shaped them."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def build_snapshot(*, samples_dir: Path, verdicts_dir: Path, out_dir: Path, max_per_problem: int, dedupe: bool,
+                   lineage: dict, settings: dict) -> dict:
+    """Writes ``out_dir`` (DatasetDict + card + manifest) atomically and returns the manifest."""
+    from datasets import Dataset, DatasetDict
+
+    start = time.time()
+    kept, counts = select_kept(read_shards(samples_dir), read_shards(verdicts_dir),
+                               max_per_problem=max_per_problem, dedupe=dedupe)
+    inputs = sorted(Path(samples_dir).glob("shard-*.parquet")) + sorted(Path(verdicts_dir).glob("shard-*.parquet"))
+    manifest = {
+        "fingerprint": fingerprint(inputs, settings), **lineage, "max_per_problem": max_per_problem,
+        "dedupe": dedupe, **counts, "settings": settings,
+    }
+    with atomic_dir(Path(out_dir)) as tmp:
+        DatasetDict({"train": Dataset.from_polars(kept)}).save_to_disk(str(tmp))
+        write_json(tmp / "manifest.json", manifest)
+        write_text(tmp / "README.md", dataset_card(manifest))
+        mark_done(tmp, seconds=time.time() - start, num_kept=counts["num_kept"])
+    return manifest
+
+
+def dataset_card(manifest: dict) -> str:
+    """A Hub-style dataset card: YAML metadata block, then the lineage in prose."""
+    n = manifest["num_kept"]
+    size = "n<1K" if n < 1_000 else "1K<n<10K" if n < 10_000 else "10K<n<100K" if n < 100_000 else "100K<n<1M"
+    meta = {
+        "pretty_name": f"ReST-EM snapshot, iteration {manifest['iteration']}",
+        "tags": ["rest-em", "self-training", "synthetic", "verified"],
+        "task_categories": ["text-generation"],
+        "size_categories": [size],
+        "configs": [{"config_name": f"iter_{manifest['iteration']}", "data_files": [
+            {"split": "train", "path": "train/*.arrow"}]}],
+    }
+    statuses = ", ".join(f"{k}: {v}" for k, v in manifest["status_counts"].items())
+    body = f"""
+# ReST-EM snapshot: iteration {manifest['iteration']}
+
+Self-generated solutions that passed the verifier, made by the ReST-EM factory (Singh et al. 2023,
+"Beyond Human Data"). Only solutions judged correct are kept.
+
+| field | value |
+|---|---|
+| task | {manifest.get('task')} |
+| base model | {manifest.get('base_model')} |
+| sampling policy (parent) | {manifest.get('policy')} |
+| iteration | {manifest['iteration']} |
+| samples judged | {manifest['num_samples']} ({statuses}) |
+| correct / after dedupe / kept | {manifest['num_correct']} / {manifest['num_after_dedupe']} / {n} |
+| cap per problem | {manifest['max_per_problem']} (dedupe: {manifest['dedupe']}) |
+| problems with a kept solution | {manifest['num_problems_solved']} of {manifest['num_problems']} |
+| fingerprint | `{manifest['fingerprint']}` |
+
+Load it with `datasets.load_from_disk(path)["train"]`.
+"""
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body
+
+
+def run(cfg: DictConfig) -> dict:
+    from omegaconf import OmegaConf
+
+    from factory.base_model import ensure_base_model
+    from factory.rundir import RunDir
+    from factory.sample import policy_path
+
+    run_dir = RunDir(cfg.paths.run_dir)
+    k = int(cfg.iteration)
+    out = run_dir.stage(k, "dataset")
+    if (out / STAGE_FILE).exists():
+        return {"skipped": str(out)}
+    for stage in ("samples", "verdicts"):
+        if not run_dir.is_done(k, stage):
+            raise FileNotFoundError(f"{run_dir.stage(k, stage)} is not finished: run the loop or that stage first")
+    base = ensure_base_model(cfg)
+    settings = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("task", "sampler", "snapshot")}
+    return build_snapshot(
+        samples_dir=run_dir.stage(k, "samples"), verdicts_dir=run_dir.stage(k, "verdicts"), out_dir=out,
+        max_per_problem=int(cfg.snapshot.max_per_problem), dedupe=bool(cfg.snapshot.dedupe),
+        lineage={"iteration": k, "task": cfg.task.name, "base_model": str(base),
+                 "policy": str(policy_path(run_dir, base, k))},
+        settings=settings,
+    )
+
+
+main = hydra_entry(run)

@@ -1,0 +1,45 @@
+"""The whole loop on a shrunken config: every artifact, the summary contract, and resume-by-skipping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from datasets import load_from_disk
+
+import factory.loop as loop
+from factory.base_model import ensure_base_model
+from factory.rundir import RunDir
+
+
+@pytest.mark.slow
+def test_loop_end_to_end_and_rerun_skips(make_cfg, monkeypatch, capsys):
+    cfg = make_cfg("loop.iterations=2", "task.strictness=answer")
+    rows = loop.run(cfg)
+    run_dir = RunDir(cfg.paths.run_dir)
+    summary = json.loads(run_dir.summary.read_text())
+    assert [r["iteration"] for r in summary][0] == 0 and summary[-1]["iteration"] == "sft_human"
+    for row in summary:
+        assert set(row) >= {"iteration", "greedy_accuracy", "pass_at_k", "maj_at_k", "num_problems_solved",
+                            "num_kept", "share_kept_with_valid_steps", "timings"}
+        assert 0.0 <= row["greedy_accuracy"] <= 1.0
+        assert set(row["pass_at_k"]) == {"1", "2", "4"}
+    assert (run_dir.root / "report.md").read_text().count("|") > 20
+    assert (run_dir.root / "plots" / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| iteration |" in capsys.readouterr().out
+    for k in [r["iteration"] for r in summary if isinstance(r["iteration"], int) and r["iteration"] > 0]:
+        for stage in ("samples", "verdicts", "dataset", "model", "eval"):
+            assert run_dir.is_done(k, stage), f"iter_{k}/{stage} not finished"
+        ds = load_from_disk(str(run_dir.stage(k, "dataset")))["train"]
+        assert len(ds) == summary[k]["num_kept"]
+        # Every M-step starts from the base model, never from the previous policy.
+        assert run_dir.stage_info(k, "model")["base_model"] == str(ensure_base_model(cfg))
+    assert run_dir.is_done(0, "eval") and run_dir.is_done("sft_human", "eval")
+
+    # Rerunning the same command trains, samples and evaluates nothing again.
+    def boom(*args, **kwargs):
+        raise AssertionError("a finished stage was run again")
+
+    for name in ("sample_problems", "verify_samples", "build_snapshot", "train_from_base", "evaluate_model"):
+        monkeypatch.setattr(loop, name, boom)
+    assert loop.run(cfg) == rows

@@ -1,0 +1,115 @@
+"""The M-step: fine-tune the BASE model on an iteration's snapshot and export it with save_pretrained.
+
+Command: ``restem-train iteration=2`` trains ``iter_2/model`` from the base model on ``iter_2/dataset``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import lightning as L
+from omegaconf import DictConfig
+
+from factory.config import hydra_entry
+from factory.rundir import atomic_dir, mark_done, write_json
+from train.data import PromptCompletionDataModule
+from train.module import CausalLMModule
+
+log = logging.getLogger(__name__)
+
+
+def fine_tune(*, model, tokenizer, pairs: list[dict], out_dir: Path, settings: DictConfig, desc: str = "M-step",
+              extra_info: dict | None = None) -> dict:
+    """Trains ``model`` on prompt/completion ``pairs`` and saves model + tokenizer to ``out_dir`` atomically.
+
+    Args:
+        model: a transformers causal LM (trained in place).
+        tokenizer: its tokenizer (saved next to it).
+        pairs: dicts with ``prompt`` and ``completion``; only completion tokens are in the loss.
+        out_dir: the final folder; written via a temporary sibling and a rename.
+        settings: trainer settings (``conf/trainer``: max_steps, batch_size, lr, ...).
+        desc: label for the log line.
+        extra_info: merged into the folder's ``stage.json``.
+
+    Returns:
+        dict with ``steps``, ``first_loss``, ``last_loss`` (mean of the last 50 steps), ``seconds``.
+    """
+    start = time.time()
+    L.seed_everything(int(settings.seed), verbose=False)
+    data = PromptCompletionDataModule(
+        tokenizer, pairs, batch_size=int(settings.batch_size), max_steps=int(settings.max_steps),
+        seed=int(settings.seed),
+    )
+    module = CausalLMModule(
+        model, lr=float(settings.lr), weight_decay=float(settings.weight_decay),
+        warmup_steps=int(settings.warmup_steps), max_steps=int(settings.max_steps),
+        min_lr_ratio=float(settings.min_lr_ratio),
+    )
+    trainer = L.Trainer(
+        accelerator=settings.accelerator, devices=settings.devices, strategy=settings.strategy,
+        num_nodes=int(settings.num_nodes), precision=settings.precision, max_steps=int(settings.max_steps),
+        max_epochs=-1, gradient_clip_val=float(settings.grad_clip), logger=False, enable_checkpointing=False,
+        enable_model_summary=False, enable_progress_bar=bool(settings.progress_bar),
+        default_root_dir=str(Path(out_dir).parent), log_every_n_steps=50,
+    )
+    log.info("%s: %d examples, %d steps of batch %d", desc, len(pairs), settings.max_steps, settings.batch_size)
+    trainer.fit(module, datamodule=data)
+    losses = module.losses
+    tail = losses[-50:]
+    info = {
+        "steps": len(losses), "num_examples": len(pairs), "first_loss": losses[0] if losses else None,
+        "last_loss": sum(tail) / len(tail) if tail else None, **(extra_info or {}),
+    }
+    with atomic_dir(Path(out_dir)) as tmp:
+        module.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_json(tmp / "train_log.json", {"losses": [round(x, 5) for x in losses]})
+        info["seconds"] = round(time.time() - start, 3)
+        mark_done(tmp, **info)
+    return info
+
+
+def human_pairs(task) -> list[dict]:
+    """The human-written seed solutions as prompt/completion pairs."""
+    return [{"prompt": task.format_prompt(p), "completion": p["solution"]} for p in task.load_problems(split="human")]
+
+
+def snapshot_pairs(dataset_dir: Path) -> list[dict]:
+    """The kept samples of a snapshot (``iter_k/dataset``) as prompt/completion pairs."""
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(dataset_dir))["train"]
+    return [{"prompt": p, "completion": c} for p, c in zip(ds["prompt"], ds["completion"], strict=True)]
+
+
+def train_from_base(cfg: DictConfig, *, base_path: Path, pairs: list[dict], out_dir: Path, desc: str) -> dict:
+    """Loads the base model fresh (ReST-EM never continues from the previous policy) and fine-tunes it."""
+    from factory.models import load_model, load_tokenizer
+
+    model = load_model(base_path, dtype=cfg.model.dtype)
+    tokenizer = load_tokenizer(base_path)
+    return fine_tune(model=model, tokenizer=tokenizer, pairs=pairs, out_dir=out_dir, settings=cfg.trainer,
+                     desc=desc, extra_info={"base_model": str(base_path)})
+
+
+def run(cfg: DictConfig) -> dict:
+    """Trains ``iter_{cfg.iteration}/model`` from the base model on that iteration's snapshot."""
+    from factory.base_model import ensure_base_model
+    from factory.rundir import RunDir
+    from factory.tasks import build_task
+
+    run_dir = RunDir(cfg.paths.run_dir)
+    k = int(cfg.iteration)
+    dataset_dir = run_dir.stage(k, "dataset")
+    if not run_dir.is_done(k, "dataset"):
+        raise FileNotFoundError(f"no finished snapshot at {dataset_dir}: run restem-snapshot iteration={k} first")
+    pairs = snapshot_pairs(dataset_dir)
+    if cfg.loop.include_human_data:
+        pairs += human_pairs(build_task(cfg.task))
+    return train_from_base(cfg, base_path=ensure_base_model(cfg), pairs=pairs,
+                           out_dir=run_dir.stage(k, "model"), desc=f"M-step iteration {k}")
+
+
+main = hydra_entry(run)
