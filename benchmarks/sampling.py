@@ -33,12 +33,24 @@ def main() -> None:
     task = build_task(cfg.task)
     prompts = [task.format_prompt(p) for p in task.load_problems(split="train")[: args.problems]]
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
-    print(f"{len(prompts)} prompts x {args.samples} samples, batch {args.batch_size} prompts, T=0.8, top-k 40")
+    print(
+        f"{len(prompts)} prompts x {args.samples} samples, batch {args.batch_size} prompts, T=0.8, top-k 40"
+    )
     for share in (True, False, True):
         start = time.perf_counter()
-        out = generate(model, tok, prompts, num_samples=args.samples, temperature=0.8, top_k=40,
-                       max_new_tokens=cfg.sampler.max_new_tokens, batch_size=args.batch_size, seed=0,
-                       progress=False, share_prefix=share)
+        out = generate(
+            model,
+            tok,
+            prompts,
+            num_samples=args.samples,
+            temperature=0.8,
+            top_k=40,
+            max_new_tokens=cfg.sampler.max_new_tokens,
+            batch_size=args.batch_size,
+            seed=0,
+            progress=False,
+            share_prefix=share,
+        )
         seconds = time.perf_counter() - start
         tokens = sum(s["num_tokens"] for per in out for s in per)
         label = "shared prefix" if share else "plain generate"

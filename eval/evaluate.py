@@ -18,8 +18,16 @@ from factory.config import hydra_entry
 from factory.rundir import STAGE_FILE, atomic_dir, mark_done, write_json
 
 
-def evaluate_model(*, model_path, task, problems: list[dict], settings: DictConfig, out_dir: Path,
-                   dtype: str = "float32", label: str = "eval") -> dict:
+def evaluate_model(
+    *,
+    model_path,
+    task,
+    problems: list[dict],
+    settings: DictConfig,
+    out_dir: Path,
+    dtype: str = "float32",
+    label: str = "eval",
+) -> dict:
     """Evaluates one model and writes its results to ``out_dir`` atomically.
 
     Greedy accuracy uses one greedy completion per problem; pass@k and maj@k use ``settings.num_samples``
@@ -37,29 +45,59 @@ def evaluate_model(*, model_path, task, problems: list[dict], settings: DictConf
     n = int(settings.num_samples)
     batch, max_new = int(settings.batch_size), int(settings.max_new_tokens)
     # Greedy calls carry one sequence per prompt: give them as many sequences per call as sampled ones.
-    greedy = generate(model, tokenizer, prompts, num_samples=1, temperature=0.0, seed=0, max_new_tokens=max_new,
-                      batch_size=batch * n, desc=f"{label} greedy")
-    sampled = generate(model, tokenizer, prompts, num_samples=n, temperature=float(settings.temperature),
-                       top_p=float(settings.top_p), seed=1, max_new_tokens=max_new, batch_size=batch,
-                       desc=f"{label} pass@k")
+    greedy = generate(
+        model,
+        tokenizer,
+        prompts,
+        num_samples=1,
+        temperature=0.0,
+        seed=0,
+        max_new_tokens=max_new,
+        batch_size=batch * n,
+        desc=f"{label} greedy",
+    )
+    sampled = generate(
+        model,
+        tokenizer,
+        prompts,
+        num_samples=n,
+        temperature=float(settings.temperature),
+        top_p=float(settings.top_p),
+        seed=1,
+        max_new_tokens=max_new,
+        batch_size=batch,
+        desc=f"{label} pass@k",
+    )
     greedy_verdicts = task.verify(problems, [g[0]["completion"] for g in greedy], strictness="answer")
     flat_problems = [p for p, s in zip(problems, sampled, strict=True) for _ in s]
-    flat_verdicts = task.verify(flat_problems, [x["completion"] for s in sampled for x in s], strictness="answer")
+    flat_verdicts = task.verify(
+        flat_problems, [x["completion"] for s in sampled for x in s], strictness="answer"
+    )
     ks = sorted(int(k) for k in settings.ks)
     rows, per_problem = [], []
     for i, (problem, g, gv) in enumerate(zip(problems, greedy, greedy_verdicts, strict=True)):
-        verdicts = flat_verdicts[i * n:(i + 1) * n]
+        verdicts = flat_verdicts[i * n : (i + 1) * n]
         metrics = problem_metrics(
-            gold=problem["answer"], greedy_correct=gv["reward"] > 0, sample_answers=[v["answer"] for v in verdicts],
-            sample_correct=[v["reward"] > 0 for v in verdicts], ks=ks,
+            gold=problem["answer"],
+            greedy_correct=gv["reward"] > 0,
+            sample_answers=[v["answer"] for v in verdicts],
+            sample_correct=[v["reward"] > 0 for v in verdicts],
+            ks=ks,
         )
         per_problem.append(metrics)
-        rows.append({
-            "problem_id": problem["problem_id"], "num_steps": problem.get("num_steps"), "gold": problem["answer"],
-            "greedy_completion": g[0]["completion"], "greedy_status": gv["status"],
-            "greedy_correct": metrics["greedy_correct"], "num_samples": n, "num_correct": metrics["num_correct"],
-            "sample_answers": [v["answer"] for v in verdicts],
-        })
+        rows.append(
+            {
+                "problem_id": problem["problem_id"],
+                "num_steps": problem.get("num_steps"),
+                "gold": problem["answer"],
+                "greedy_completion": g[0]["completion"],
+                "greedy_status": gv["status"],
+                "greedy_correct": metrics["greedy_correct"],
+                "num_samples": n,
+                "num_correct": metrics["num_correct"],
+                "sample_answers": [v["answer"] for v in verdicts],
+            }
+        )
     result = aggregate(per_problem, ks)
     result["seconds"] = round(time.time() - start, 3)
     result["model"] = str(model_path)
@@ -85,9 +123,15 @@ def run(cfg: DictConfig) -> dict:
     if k > 0 and not run_dir.is_done(k, "model"):
         raise FileNotFoundError(f"no finished model at {model_path}: run restem-train iteration={k} first")
     task = build_task(cfg.task)
-    result = evaluate_model(model_path=model_path, task=task,
-                            problems=task.load_problems(split=cfg.eval.split, limit=cfg.eval.limit),
-                            settings=cfg.eval, out_dir=out, dtype=cfg.model.dtype, label=f"eval iter {k}")
+    result = evaluate_model(
+        model_path=model_path,
+        task=task,
+        problems=task.load_problems(split=cfg.eval.split, limit=cfg.eval.limit),
+        settings=cfg.eval,
+        out_dir=out,
+        dtype=cfg.model.dtype,
+        label=f"eval iter {k}",
+    )
     print(json.dumps(result, indent=2))
     return result
 

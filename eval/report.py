@@ -22,7 +22,7 @@ def _ks(rows: list[dict], field: str) -> list[int]:
     """Union of the k keys of ``field`` over all rows, sorted numerically."""
     keys: set[int] = set()
     for row in rows:
-        for key in (row.get(field) or {}):
+        for key in row.get(field) or {}:
             keys.add(int(key))
     return sorted(keys)
 
@@ -135,18 +135,18 @@ def plot_summary(rows: list[dict], path) -> pathlib.Path:
         for idx, (label, field, k) in enumerate(_series(rows)):
             colour = colours[idx % len(colours)]
             points = [
-                (int(r["iteration"]), 100.0 * v)
-                for r in iters
-                if (v := _value(r, field, k)) is not None
+                (int(r["iteration"]), 100.0 * v) for r in iters if (v := _value(r, field, k)) is not None
             ]
             if points:
-                xs, ys = zip(*points)
+                xs, ys = zip(*points, strict=False)
                 ax.plot(xs, ys, marker="o", color=colour, label=label)
             for row in sft[:1]:
                 v = _value(row, field, k)
                 if v is not None:
                     ax.axhline(
-                        100.0 * v, linestyle="--", color=colour,
+                        100.0 * v,
+                        linestyle="--",
+                        color=colour,
                         label=f"{label} ({SFT_LABEL})",
                     )
         if iters:
@@ -188,7 +188,7 @@ def _write_text_atomic(path: pathlib.Path, text: str) -> None:
 EXPLANATION = (
     "Each row is one evaluated model: iteration 0 is the base model and "
     "iteration i is the model fine-tuned on the i-th ReST-EM snapshot; the "
-    f"\"{SFT_LABEL}\" row is the baseline fine-tuned on the human-written "
+    f'"{SFT_LABEL}" row is the baseline fine-tuned on the human-written '
     "solutions. *greedy* is greedy-decoding accuracy on the test split; "
     "*pass@k* is the probability that at least one of k samples is correct, "
     "computed with the unbiased estimator of Chen et al. (2021) from all "
@@ -215,12 +215,7 @@ def write_report(rows: list[dict], run_dir, *, title: str = "ReST-EM run") -> di
     """
     run_dir = pathlib.Path(run_dir)
     plot_path = plot_summary(rows, run_dir / PLOT_RELPATH)
-    text = (
-        f"# {title}\n\n"
-        f"{EXPLANATION}\n\n"
-        f"{format_table(rows)}\n"
-        f"![accuracy per iteration]({PLOT_RELPATH})\n"
-    )
+    text = f"# {title}\n\n{EXPLANATION}\n\n{format_table(rows)}\n![accuracy per iteration]({PLOT_RELPATH})\n"
     report_path = run_dir / "report.md"
     _write_text_atomic(report_path, text)
     return {"report": report_path, "plot": plot_path}

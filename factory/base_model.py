@@ -5,6 +5,7 @@ Command: ``restem-base`` builds (or finds in the cache) the base model of the cu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,7 +19,15 @@ from factory.rundir import STAGE_FILE
 log = logging.getLogger(__name__)
 
 # Task keys that change the human seed data; the others (train/test sizes, reward) do not touch p0.
-_HUMAN_DATA_KEYS = ("name", "seed", "num_human", "human_min_steps", "human_max_steps", "max_operand", "max_value")
+_HUMAN_DATA_KEYS = (
+    "name",
+    "seed",
+    "num_human",
+    "human_min_steps",
+    "human_max_steps",
+    "max_operand",
+    "max_value",
+)
 
 
 def base_model_key(cfg: DictConfig) -> str:
@@ -45,10 +54,9 @@ def ensure_base_model(cfg: DictConfig) -> Path | str:
     if (out_dir / STAGE_FILE).is_file():
         return out_dir
     log.info("pretraining the tiny base model on the human seed split -> %s", out_dir)
-    try:
+    # FileExistsError: another job (e.g. a parallel sweep point) finished the same base model first.
+    with contextlib.suppress(FileExistsError):
         _pretrain_tiny(cfg, out_dir)
-    except FileExistsError:
-        pass  # another job (e.g. a parallel sweep point) finished the same base model first
     return out_dir
 
 
@@ -61,14 +69,25 @@ def _pretrain_tiny(cfg: DictConfig, out_dir: Path) -> None:
     tokenizer = train_char_tokenizer([p["prompt"] + p["completion"] for p in pairs])
     tiny = cfg.model.tiny
     model = build_tiny_model(
-        tokenizer, hidden_size=tiny.hidden_size, num_layers=tiny.num_layers, num_heads=tiny.num_heads,
-        intermediate_size=tiny.intermediate_size, max_position_embeddings=tiny.max_position_embeddings,
+        tokenizer,
+        hidden_size=tiny.hidden_size,
+        num_layers=tiny.num_layers,
+        num_heads=tiny.num_heads,
+        intermediate_size=tiny.intermediate_size,
+        max_position_embeddings=tiny.max_position_embeddings,
         seed=int(cfg.trainer.seed),
     )
     # Same Lightning code and trainer as the M-step, with the pretraining budget and learning rate.
     settings = OmegaConf.merge(cfg.trainer, OmegaConf.to_container(cfg.model.pretrain))
-    fine_tune(model=model, tokenizer=tokenizer, pairs=pairs, out_dir=out_dir, settings=settings,
-              desc="base pretraining", extra_info={"key": base_model_key(cfg)})
+    fine_tune(
+        model=model,
+        tokenizer=tokenizer,
+        pairs=pairs,
+        out_dir=out_dir,
+        settings=settings,
+        desc="base pretraining",
+        extra_info={"key": base_model_key(cfg)},
+    )
 
 
 def run(cfg: DictConfig) -> dict:

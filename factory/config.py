@@ -75,7 +75,9 @@ class SamplerConfig:
     top_k: int = 40  # 0 disables
     top_p: float = 1.0
     max_new_tokens: int = 64
-    batch_size: int = 16  # prompts per generate call (x num_samples sequences; small batches are faster on CPU)
+    batch_size: int = (
+        16  # prompts per generate call (x num_samples sequences; small batches are faster on CPU)
+    )
     shard_size: int = 500  # problems per parquet shard (the unit of resume)
     seed: int = 0
 
@@ -174,15 +176,23 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:
             raise ValueError(f"config error: {key}={value!r}; allowed: {', '.join(allowed)}")
-    positive = ["sampler.num_samples", "sampler.batch_size", "sampler.shard_size", "sampler.max_new_tokens",
-                "trainer.max_steps", "trainer.batch_size", "eval.num_samples", "eval.batch_size",
-                "snapshot.max_per_problem"]
+    positive = [
+        "sampler.num_samples",
+        "sampler.batch_size",
+        "sampler.shard_size",
+        "sampler.max_new_tokens",
+        "trainer.max_steps",
+        "trainer.batch_size",
+        "eval.num_samples",
+        "eval.batch_size",
+        "snapshot.max_per_problem",
+    ]
     for key in positive:
         if OmegaConf.select(cfg, key) < 1:
             raise ValueError(f"config error: {key} must be >= 1, got {OmegaConf.select(cfg, key)}")
     if cfg.loop.iterations < 0:
         raise ValueError(f"config error: loop.iterations must be >= 0, got {cfg.loop.iterations}")
-    if not 0.0 <= cfg.sampler.temperature:
+    if not cfg.sampler.temperature >= 0.0:
         raise ValueError(f"config error: sampler.temperature must be >= 0, got {cfg.sampler.temperature}")
     for key in ("sampler.top_p", "eval.top_p"):
         if not 0.0 < OmegaConf.select(cfg, key) <= 1.0:

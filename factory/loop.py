@@ -41,13 +41,22 @@ def run(cfg: DictConfig) -> list[dict]:
     eval_problems = task.load_problems(split=cfg.eval.split, limit=cfg.eval.limit)
     for name, problems in (("training", train_problems), (f"{cfg.eval.split}", eval_problems)):
         if not problems:
-            raise ValueError(f"zero {name} problems after loading task {cfg.task.name!r}: check the task config")
+            raise ValueError(
+                f"zero {name} problems after loading task {cfg.task.name!r}: check the task config"
+            )
     base = ensure_base_model(cfg)
 
     def evaluate(k: int | str, model_path) -> dict:
         if not run_dir.is_done(k, "eval"):
-            evaluate_model(model_path=model_path, task=task, problems=eval_problems, settings=cfg.eval,
-                           out_dir=run_dir.stage(k, "eval"), dtype=cfg.model.dtype, label=f"eval {k}")
+            evaluate_model(
+                model_path=model_path,
+                task=task,
+                problems=eval_problems,
+                settings=cfg.eval,
+                out_dir=run_dir.stage(k, "eval"),
+                dtype=cfg.model.dtype,
+                label=f"eval {k}",
+            )
         return read_json(run_dir.stage(k, "eval") / "metrics.json")
 
     rows = [_row(0, evaluate(0, base), run_dir)]
@@ -63,8 +72,13 @@ def run(cfg: DictConfig) -> list[dict]:
         rows.append(_row(k, evaluate(k, run_dir.stage(k, "model")), run_dir))
     if cfg.loop.sft_baseline:
         if not run_dir.is_done("sft_human", "model"):
-            train_from_base(cfg, base_path=base, pairs=human_pairs(task), out_dir=run_dir.stage("sft_human", "model"),
-                            desc="SFT on human data")
+            train_from_base(
+                cfg,
+                base_path=base,
+                pairs=human_pairs(task),
+                out_dir=run_dir.stage("sft_human", "model"),
+                desc="SFT on human data",
+            )
         rows.append(_row("sft_human", evaluate("sft_human", run_dir.stage("sft_human", "model")), run_dir))
     write_json(run_dir.summary, rows)
     paths = write_report(rows, run_dir.root, title=f"ReST-EM run: {cfg.name}")
@@ -80,19 +94,34 @@ def _iteration(cfg: DictConfig, run_dir: RunDir, task, problems: list[dict], bas
     if not run_dir.is_done(k, "samples"):
         from factory.models import load_model, load_tokenizer
 
-        sample_problems(model=load_model(policy, dtype=cfg.model.dtype), tokenizer=load_tokenizer(policy),
-                        task=task, problems=problems, out_dir=run_dir.stage(k, "samples"), settings=cfg.sampler,
-                        policy=str(policy), iteration=k)
+        sample_problems(
+            model=load_model(policy, dtype=cfg.model.dtype),
+            tokenizer=load_tokenizer(policy),
+            task=task,
+            problems=problems,
+            out_dir=run_dir.stage(k, "samples"),
+            settings=cfg.sampler,
+            policy=str(policy),
+            iteration=k,
+        )
     if not run_dir.is_done(k, "verdicts"):
-        verify_samples(task=task, problems=problems, samples_dir=run_dir.stage(k, "samples"),
-                       out_dir=run_dir.stage(k, "verdicts"))
+        verify_samples(
+            task=task,
+            problems=problems,
+            samples_dir=run_dir.stage(k, "samples"),
+            out_dir=run_dir.stage(k, "verdicts"),
+        )
     if not run_dir.is_done(k, "dataset"):
         build_snapshot(
-            samples_dir=run_dir.stage(k, "samples"), verdicts_dir=run_dir.stage(k, "verdicts"),
-            out_dir=run_dir.stage(k, "dataset"), max_per_problem=int(cfg.snapshot.max_per_problem),
+            samples_dir=run_dir.stage(k, "samples"),
+            verdicts_dir=run_dir.stage(k, "verdicts"),
+            out_dir=run_dir.stage(k, "dataset"),
+            max_per_problem=int(cfg.snapshot.max_per_problem),
             dedupe=bool(cfg.snapshot.dedupe),
             lineage={"iteration": k, "task": cfg.task.name, "base_model": str(base), "policy": str(policy)},
-            settings={n: OmegaConf.to_container(cfg[n], resolve=True) for n in ("task", "sampler", "snapshot")},
+            settings={
+                n: OmegaConf.to_container(cfg[n], resolve=True) for n in ("task", "sampler", "snapshot")
+            },
         )
     manifest = read_json(run_dir.stage(k, "dataset") / "manifest.json")
     if manifest["num_kept"] == 0:
@@ -105,16 +134,22 @@ def _iteration(cfg: DictConfig, run_dir: RunDir, task, problems: list[dict], bas
         pairs = snapshot_pairs(run_dir.stage(k, "dataset"))
         if cfg.loop.include_human_data:
             pairs += human_pairs(task)
-        train_from_base(cfg, base_path=base, pairs=pairs, out_dir=run_dir.stage(k, "model"),
-                        desc=f"M-step iteration {k}")
+        train_from_base(
+            cfg, base_path=base, pairs=pairs, out_dir=run_dir.stage(k, "model"), desc=f"M-step iteration {k}"
+        )
 
 
 def _row(k: int | str, metrics: dict, run_dir: RunDir) -> dict:
     """One summary row: eval metrics plus the iteration's data statistics and stage timings."""
     row = {
-        "iteration": k, "greedy_accuracy": metrics["greedy_accuracy"], "pass_at_k": metrics["pass_at_k"],
-        "maj_at_k": metrics["maj_at_k"], "num_eval_problems": metrics["num_problems"],
-        "num_problems_solved": None, "num_kept": None, "share_kept_with_valid_steps": None,
+        "iteration": k,
+        "greedy_accuracy": metrics["greedy_accuracy"],
+        "pass_at_k": metrics["pass_at_k"],
+        "maj_at_k": metrics["maj_at_k"],
+        "num_eval_problems": metrics["num_problems"],
+        "num_problems_solved": None,
+        "num_kept": None,
+        "share_kept_with_valid_steps": None,
     }
     if isinstance(k, int) and k > 0:
         manifest = read_json(run_dir.stage(k, "dataset") / "manifest.json")

@@ -6,7 +6,13 @@ import string
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 # Every printable ASCII character plus newline: the tokenizer never maps task text to <unk>.
@@ -26,7 +32,9 @@ def train_char_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token=UNK))
     # vocab_size == alphabet + specials leaves no room for merges: one token per character.
     trainer = trainers.BpeTrainer(
-        vocab_size=len(alphabet) + len(specials), initial_alphabet=alphabet, special_tokens=specials,
+        vocab_size=len(alphabet) + len(specials),
+        initial_alphabet=alphabet,
+        special_tokens=specials,
         show_progress=False,
     )
     tok.train_from_iterator(corpus or [""], trainer=trainer)
@@ -35,20 +43,41 @@ def train_char_tokenizer(corpus: list[str]) -> PreTrainedTokenizerFast:
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, tok.token_to_id(BOS))]
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, unk_token=UNK,
-        padding_side="left", clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
     )
 
 
-def build_tiny_model(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int, num_layers: int, num_heads: int,
-                     intermediate_size: int, max_position_embeddings: int, seed: int = 0) -> LlamaForCausalLM:
+def build_tiny_model(
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+    max_position_embeddings: int,
+    seed: int = 0,
+) -> LlamaForCausalLM:
     """Builds a randomly initialised Llama-style causal LM sized for the tokenizer."""
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, num_hidden_layers=num_layers,
-        num_attention_heads=num_heads, num_key_value_heads=num_heads, intermediate_size=intermediate_size,
-        max_position_embeddings=max_position_embeddings, head_dim=hidden_size // num_heads,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True, rope_theta=10000.0,
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        head_dim=hidden_size // num_heads,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=True,
+        rope_theta=10000.0,
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)

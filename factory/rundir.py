@@ -85,7 +85,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 def mark_done(stage_dir: Path, *, seconds: float, **info: Any) -> None:
     """Writes ``stage.json``: its presence is what makes a stage count as finished."""
-    write_json(Path(stage_dir) / STAGE_FILE, {"seconds": round(seconds, 3), "finished_at": time.time(), **info})
+    write_json(
+        Path(stage_dir) / STAGE_FILE, {"seconds": round(seconds, 3), "finished_at": time.time(), **info}
+    )
 
 
 def write_text(path: Path, text: str) -> None:
@@ -115,7 +117,9 @@ def read_parquet(path: Path, columns: list[str] | None = None):
     try:
         return pl.read_parquet(path, columns=columns)
     except Exception as err:  # polars raises several types for damaged files
-        raise ValueError(f"corrupt parquet shard {path}: {err}. Delete it and rerun to regenerate it.") from err
+        raise ValueError(
+            f"corrupt parquet shard {path}: {err}. Delete it and rerun to regenerate it."
+        ) from err
 
 
 def read_shards(stage_dir: Path, columns: list[str] | None = None):

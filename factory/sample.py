@@ -24,8 +24,14 @@ from factory.rundir import STAGE_FILE, mark_done
 log = logging.getLogger(__name__)
 
 SAMPLE_SCHEMA = {
-    "problem_id": pl.String, "sample_idx": pl.Int32, "prompt": pl.String, "completion": pl.String,
-    "num_tokens": pl.Int32, "finish_reason": pl.String, "policy": pl.String, "seed": pl.Int64,
+    "problem_id": pl.String,
+    "sample_idx": pl.Int32,
+    "prompt": pl.String,
+    "completion": pl.String,
+    "num_tokens": pl.Int32,
+    "finish_reason": pl.String,
+    "policy": pl.String,
+    "seed": pl.Int64,
 }
 
 
@@ -35,9 +41,22 @@ def derive_seed(*parts: object) -> int:
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[str], *, num_samples: int, temperature: float, top_k: int = 0,
-             top_p: float = 1.0, max_new_tokens: int, batch_size: int, seed: int, desc: str = "sampling",
-             progress: bool = True, share_prefix: bool = True) -> list[list[dict]]:
+def generate(
+    model,
+    tokenizer,
+    prompts: list[str],
+    *,
+    num_samples: int,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    desc: str = "sampling",
+    progress: bool = True,
+    share_prefix: bool = True,
+) -> list[list[dict]]:
     """Samples ``num_samples`` completions for each prompt with transformers' ``generate``.
 
     Prompts are batched by length (less padding); ``temperature == 0`` means greedy decoding.
@@ -53,29 +72,50 @@ def generate(model, tokenizer, prompts: list[str], *, num_samples: int, temperat
     eos = tokenizer.eos_token_id
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False)
     for batch_no, start in enumerate(range(0, len(order), batch_size)):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True)
         enc = {k: v.to(model.device) for k, v in enc.items()}
         torch.manual_seed(derive_seed(seed, batch_no))
-        kwargs = {"do_sample": False} if greedy else {
-            "do_sample": True, "temperature": temperature, "top_k": top_k or None, "top_p": top_p,
-        }
+        kwargs = (
+            {"do_sample": False}
+            if greedy
+            else {
+                "do_sample": True,
+                "temperature": temperature,
+                "top_k": top_k or None,
+                "top_p": top_p,
+            }
+        )
         if greedy or num_samples == 1 or not share_prefix or enc["input_ids"].shape[1] < 2:
             out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, num_return_sequences=1 if greedy else num_samples,
-                pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **kwargs,
+                **enc,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=1 if greedy else num_samples,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+                **kwargs,
             )
         else:
-            out = _generate_shared_prefix(model, enc, num_samples=num_samples, max_new_tokens=max_new_tokens,
-                                          pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **kwargs)
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
+            out = _generate_shared_prefix(
+                model,
+                enc,
+                num_samples=num_samples,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=eos,
+                **kwargs,
+            )
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
         per_prompt = 1 if greedy else num_samples
         for row, ids in enumerate(new):
             n = ids.index(eos) if eos in ids else len(ids)
-            results[idx[row // per_prompt]].append({
-                "completion": tokenizer.decode(ids[:n], skip_special_tokens=True),
-                "num_tokens": n, "finish_reason": "stop" if n < len(ids) else "length",
-            })
+            results[idx[row // per_prompt]].append(
+                {
+                    "completion": tokenizer.decode(ids[:n], skip_special_tokens=True),
+                    "num_tokens": n,
+                    "finish_reason": "stop" if n < len(ids) else "length",
+                }
+            )
         bar.update(len(idx))
     bar.close()
     return results
@@ -95,17 +135,34 @@ def _generate_shared_prefix(model, enc: dict, *, num_samples: int, **generate_kw
     cache = DynamicCache(config=model.config)
     # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version's forward takes.
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions[:, :-1],
-          use_cache=True, **{cache_kw: cache})
+    model(
+        input_ids=ids[:, :-1],
+        attention_mask=mask[:, :-1],
+        position_ids=positions[:, :-1],
+        use_cache=True,
+        **{cache_kw: cache},
+    )
     cache.batch_repeat_interleave(num_samples)
     return model.generate(
-        input_ids=ids.repeat_interleave(num_samples, dim=0), attention_mask=mask.repeat_interleave(num_samples, dim=0),
-        num_return_sequences=1, **{cache_kw: cache}, **generate_kwargs,
+        input_ids=ids.repeat_interleave(num_samples, dim=0),
+        attention_mask=mask.repeat_interleave(num_samples, dim=0),
+        num_return_sequences=1,
+        **{cache_kw: cache},
+        **generate_kwargs,
     )
 
 
-def sample_problems(*, model, tokenizer, task, problems: list[dict], out_dir: Path, settings: DictConfig,
-                    policy: str, iteration: int) -> dict:
+def sample_problems(
+    *,
+    model,
+    tokenizer,
+    task,
+    problems: list[dict],
+    out_dir: Path,
+    settings: DictConfig,
+    policy: str,
+    iteration: int,
+) -> dict:
     """Samples every problem into ``out_dir/shard-*.parquet``, resuming finished shards.
 
     Shards are written to ``<out_dir>``'s hidden ``.partial`` sibling; the folder is renamed into place
@@ -116,7 +173,7 @@ def sample_problems(*, model, tokenizer, task, problems: list[dict], out_dir: Pa
     work = out_dir.with_name(f".{out_dir.name}.partial")
     work.mkdir(parents=True, exist_ok=True)
     size = int(settings.shard_size)
-    shards = [problems[i:i + size] for i in range(0, len(problems), size)]
+    shards = [problems[i : i + size] for i in range(0, len(problems), size)]
     generated = 0
     for shard_no, shard in enumerate(tqdm(shards, desc=f"E-step iter {iteration} shards", unit="shard")):
         path = work / f"shard-{shard_no:05d}.parquet"
@@ -124,23 +181,45 @@ def sample_problems(*, model, tokenizer, task, problems: list[dict], out_dir: Pa
             continue  # finished before a crash or stop: never regenerate
         seed = derive_seed(settings.seed, iteration, shard_no)
         samples = generate(
-            model, tokenizer, [task.format_prompt(p) for p in shard], num_samples=int(settings.num_samples),
-            temperature=float(settings.temperature), top_k=int(settings.top_k), top_p=float(settings.top_p),
-            max_new_tokens=int(settings.max_new_tokens), batch_size=int(settings.batch_size), seed=seed,
+            model,
+            tokenizer,
+            [task.format_prompt(p) for p in shard],
+            num_samples=int(settings.num_samples),
+            temperature=float(settings.temperature),
+            top_k=int(settings.top_k),
+            top_p=float(settings.top_p),
+            max_new_tokens=int(settings.max_new_tokens),
+            batch_size=int(settings.batch_size),
+            seed=seed,
             desc=f"shard {shard_no}",
         )
         rows = [
-            {"problem_id": p["problem_id"], "sample_idx": j, "prompt": task.format_prompt(p), **s,
-             "policy": policy, "seed": seed}
-            for p, per_problem in zip(shard, samples, strict=True) for j, s in enumerate(per_problem)
+            {
+                "problem_id": p["problem_id"],
+                "sample_idx": j,
+                "prompt": task.format_prompt(p),
+                **s,
+                "policy": policy,
+                "seed": seed,
+            }
+            for p, per_problem in zip(shard, samples, strict=True)
+            for j, s in enumerate(per_problem)
         ]
         tmp = path.with_suffix(".parquet.tmp")
         pl.DataFrame(rows, schema=SAMPLE_SCHEMA).write_parquet(tmp)
         os.replace(tmp, path)
         generated += len(rows)
-    num_rows = sum(pl.scan_parquet(p).select(pl.len()).collect().item() for p in sorted(work.glob("*.parquet")))
-    mark_done(work, seconds=time.time() - start, num_problems=len(problems), num_samples=num_rows,
-              num_shards=len(shards), policy=policy)
+    num_rows = sum(
+        pl.scan_parquet(p).select(pl.len()).collect().item() for p in sorted(work.glob("*.parquet"))
+    )
+    mark_done(
+        work,
+        seconds=time.time() - start,
+        num_problems=len(problems),
+        num_samples=num_rows,
+        num_shards=len(shards),
+        policy=policy,
+    )
     os.replace(work, out_dir)
     return {"num_samples": num_rows, "generated": generated, "seconds": time.time() - start}
 
@@ -171,8 +250,13 @@ def run(cfg: DictConfig) -> dict:
     policy = policy_path(run_dir, ensure_base_model(cfg), k)
     task = build_task(cfg.task)
     return sample_problems(
-        model=load_model(policy, dtype=cfg.model.dtype), tokenizer=load_tokenizer(policy), task=task,
-        problems=task.load_problems(split="train"), out_dir=out, settings=cfg.sampler, policy=str(policy),
+        model=load_model(policy, dtype=cfg.model.dtype),
+        tokenizer=load_tokenizer(policy),
+        task=task,
+        problems=task.load_problems(split="train"),
+        out_dir=out,
+        settings=cfg.sampler,
+        policy=str(policy),
         iteration=k,
     )
 

@@ -21,8 +21,9 @@ from factory.rundir import STAGE_FILE, atomic_dir, mark_done, read_shards, write
 DATASET_COLUMNS = ["problem_id", "sample_idx", "prompt", "completion", "num_tokens", "answer", "steps_valid"]
 
 
-def select_kept(samples: pl.DataFrame, verdicts: pl.DataFrame, *, max_per_problem: int, dedupe: bool) -> tuple[
-        pl.DataFrame, dict]:
+def select_kept(
+    samples: pl.DataFrame, verdicts: pl.DataFrame, *, max_per_problem: int, dedupe: bool
+) -> tuple[pl.DataFrame, dict]:
     """Joins samples with verdicts and keeps the correct ones, deduplicated and capped per problem.
 
     Returns:
@@ -30,14 +31,22 @@ def select_kept(samples: pl.DataFrame, verdicts: pl.DataFrame, *, max_per_proble
     """
     key = ["problem_id", "sample_idx"]
     if samples.height != verdicts.height:
-        raise ValueError(f"{samples.height} samples but {verdicts.height} verdicts: verification is incomplete")
-    joined = samples.join(verdicts.drop([c for c in verdicts.columns if c in samples.columns and c not in key]),
-                          on=key, how="inner")
+        raise ValueError(
+            f"{samples.height} samples but {verdicts.height} verdicts: verification is incomplete"
+        )
+    joined = samples.join(
+        verdicts.drop([c for c in verdicts.columns if c in samples.columns and c not in key]),
+        on=key,
+        how="inner",
+    )
     if joined.height != samples.height:
         raise ValueError("samples and verdicts do not match one to one on (problem_id, sample_idx)")
     correct = joined.filter(pl.col("reward") > 0).sort(key)
-    deduped = correct.unique(subset=["problem_id", "completion"], keep="first", maintain_order=True) if dedupe \
+    deduped = (
+        correct.unique(subset=["problem_id", "completion"], keep="first", maintain_order=True)
+        if dedupe
         else correct
+    )
     # The paper caps kept solutions per problem (10) so easy problems do not dominate the M-step.
     kept = deduped.filter(pl.int_range(pl.len()).over("problem_id") < max_per_problem)
     counts = {
@@ -61,18 +70,33 @@ def fingerprint(paths: list[Path], settings: dict) -> str:
     return digest.hexdigest()
 
 
-def build_snapshot(*, samples_dir: Path, verdicts_dir: Path, out_dir: Path, max_per_problem: int, dedupe: bool,
-                   lineage: dict, settings: dict) -> dict:
+def build_snapshot(
+    *,
+    samples_dir: Path,
+    verdicts_dir: Path,
+    out_dir: Path,
+    max_per_problem: int,
+    dedupe: bool,
+    lineage: dict,
+    settings: dict,
+) -> dict:
     """Writes ``out_dir`` (DatasetDict + card + manifest) atomically and returns the manifest."""
     from datasets import Dataset, DatasetDict
 
     start = time.time()
-    kept, counts = select_kept(read_shards(samples_dir), read_shards(verdicts_dir),
-                               max_per_problem=max_per_problem, dedupe=dedupe)
-    inputs = sorted(Path(samples_dir).glob("shard-*.parquet")) + sorted(Path(verdicts_dir).glob("shard-*.parquet"))
+    kept, counts = select_kept(
+        read_shards(samples_dir), read_shards(verdicts_dir), max_per_problem=max_per_problem, dedupe=dedupe
+    )
+    inputs = sorted(Path(samples_dir).glob("shard-*.parquet")) + sorted(
+        Path(verdicts_dir).glob("shard-*.parquet")
+    )
     manifest = {
-        "fingerprint": fingerprint(inputs, settings), **lineage, "max_per_problem": max_per_problem,
-        "dedupe": dedupe, **counts, "settings": settings,
+        "fingerprint": fingerprint(inputs, settings),
+        **lineage,
+        "max_per_problem": max_per_problem,
+        "dedupe": dedupe,
+        **counts,
+        "settings": settings,
     }
     with atomic_dir(Path(out_dir)) as tmp:
         DatasetDict({"train": Dataset.from_polars(kept)}).save_to_disk(str(tmp))
@@ -91,27 +115,31 @@ def dataset_card(manifest: dict) -> str:
         "tags": ["rest-em", "self-training", "synthetic", "verified"],
         "task_categories": ["text-generation"],
         "size_categories": [size],
-        "configs": [{"config_name": f"iter_{manifest['iteration']}", "data_files": [
-            {"split": "train", "path": "train/*.arrow"}]}],
+        "configs": [
+            {
+                "config_name": f"iter_{manifest['iteration']}",
+                "data_files": [{"split": "train", "path": "train/*.arrow"}],
+            }
+        ],
     }
     statuses = ", ".join(f"{k}: {v}" for k, v in manifest["status_counts"].items())
     body = f"""
-# ReST-EM snapshot: iteration {manifest['iteration']}
+# ReST-EM snapshot: iteration {manifest["iteration"]}
 
 Self-generated solutions that passed the verifier, made by the ReST-EM factory (Singh et al. 2023,
 "Beyond Human Data"). Only solutions judged correct are kept.
 
 | field | value |
 |---|---|
-| task | {manifest.get('task')} |
-| base model | {manifest.get('base_model')} |
-| sampling policy (parent) | {manifest.get('policy')} |
-| iteration | {manifest['iteration']} |
-| samples judged | {manifest['num_samples']} ({statuses}) |
-| correct / after dedupe / kept | {manifest['num_correct']} / {manifest['num_after_dedupe']} / {n} |
-| cap per problem | {manifest['max_per_problem']} (dedupe: {manifest['dedupe']}) |
-| problems with a kept solution | {manifest['num_problems_solved']} of {manifest['num_problems']} |
-| fingerprint | `{manifest['fingerprint']}` |
+| task | {manifest.get("task")} |
+| base model | {manifest.get("base_model")} |
+| sampling policy (parent) | {manifest.get("policy")} |
+| iteration | {manifest["iteration"]} |
+| samples judged | {manifest["num_samples"]} ({statuses}) |
+| correct / after dedupe / kept | {manifest["num_correct"]} / {manifest["num_after_dedupe"]} / {n} |
+| cap per problem | {manifest["max_per_problem"]} (dedupe: {manifest["dedupe"]}) |
+| problems with a kept solution | {manifest["num_problems_solved"]} of {manifest["num_problems"]} |
+| fingerprint | `{manifest["fingerprint"]}` |
 
 Load it with `datasets.load_from_disk(path)["train"]`.
 """
@@ -132,14 +160,25 @@ def run(cfg: DictConfig) -> dict:
         return {"skipped": str(out)}
     for stage in ("samples", "verdicts"):
         if not run_dir.is_done(k, stage):
-            raise FileNotFoundError(f"{run_dir.stage(k, stage)} is not finished: run the loop or that stage first")
+            raise FileNotFoundError(
+                f"{run_dir.stage(k, stage)} is not finished: run the loop or that stage first"
+            )
     base = ensure_base_model(cfg)
-    settings = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("task", "sampler", "snapshot")}
+    settings = {
+        name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("task", "sampler", "snapshot")
+    }
     return build_snapshot(
-        samples_dir=run_dir.stage(k, "samples"), verdicts_dir=run_dir.stage(k, "verdicts"), out_dir=out,
-        max_per_problem=int(cfg.snapshot.max_per_problem), dedupe=bool(cfg.snapshot.dedupe),
-        lineage={"iteration": k, "task": cfg.task.name, "base_model": str(base),
-                 "policy": str(policy_path(run_dir, base, k))},
+        samples_dir=run_dir.stage(k, "samples"),
+        verdicts_dir=run_dir.stage(k, "verdicts"),
+        out_dir=out,
+        max_per_problem=int(cfg.snapshot.max_per_problem),
+        dedupe=bool(cfg.snapshot.dedupe),
+        lineage={
+            "iteration": k,
+            "task": cfg.task.name,
+            "base_model": str(base),
+            "policy": str(policy_path(run_dir, base, k)),
+        },
         settings=settings,
     )
 

@@ -17,8 +17,13 @@ from factory.config import hydra_entry
 from factory.rundir import STAGE_FILE, mark_done, read_parquet, read_shards
 
 VERDICT_SCHEMA = {
-    "problem_id": pl.String, "sample_idx": pl.Int32, "reward": pl.Float64, "status": pl.String,
-    "detail": pl.String, "answer": pl.String, "steps_valid": pl.Boolean,
+    "problem_id": pl.String,
+    "sample_idx": pl.Int32,
+    "reward": pl.Float64,
+    "status": pl.String,
+    "detail": pl.String,
+    "answer": pl.String,
+    "steps_valid": pl.Boolean,
 }
 
 
@@ -37,12 +42,18 @@ def verify_samples(*, task, problems: list[dict], samples_dir: Path, out_dir: Pa
             samples = read_parquet(path, ["problem_id", "sample_idx", "completion"])
             missing = set(samples["problem_id"].unique()) - by_id.keys()
             if missing:
-                raise ValueError(f"{path} has samples of unknown problems (e.g. {sorted(missing)[:3]}): "
-                                 "the task config changed since sampling; use a new paths.run_dir")
+                raise ValueError(
+                    f"{path} has samples of unknown problems (e.g. {sorted(missing)[:3]}): "
+                    "the task config changed since sampling; use a new paths.run_dir"
+                )
             verdicts = task.verify([by_id[i] for i in samples["problem_id"]], samples["completion"].to_list())
             frame = pl.DataFrame(
-                [{"problem_id": pid, "sample_idx": idx, **{k: v[k] for k in VERDICT_SCHEMA if k in v}}
-                 for pid, idx, v in zip(samples["problem_id"], samples["sample_idx"], verdicts, strict=True)],
+                [
+                    {"problem_id": pid, "sample_idx": idx, **{k: v[k] for k in VERDICT_SCHEMA if k in v}}
+                    for pid, idx, v in zip(
+                        samples["problem_id"], samples["sample_idx"], verdicts, strict=True
+                    )
+                ],
                 schema=VERDICT_SCHEMA,
             )
             tmp = target.with_suffix(".parquet.tmp")
@@ -65,10 +76,16 @@ def run(cfg: DictConfig) -> dict:
     if (run_dir.stage(k, "verdicts") / STAGE_FILE).exists():
         return {"skipped": str(run_dir.stage(k, "verdicts"))}
     if not run_dir.is_done(k, "samples"):
-        raise FileNotFoundError(f"no finished samples at {run_dir.stage(k, 'samples')}: run restem-sample first")
+        raise FileNotFoundError(
+            f"no finished samples at {run_dir.stage(k, 'samples')}: run restem-sample first"
+        )
     task = build_task(cfg.task)
-    return verify_samples(task=task, problems=task.load_problems(split="train"),
-                          samples_dir=run_dir.stage(k, "samples"), out_dir=run_dir.stage(k, "verdicts"))
+    return verify_samples(
+        task=task,
+        problems=task.load_problems(split="train"),
+        samples_dir=run_dir.stage(k, "samples"),
+        out_dir=run_dir.stage(k, "verdicts"),
+    )
 
 
 main = hydra_entry(run)

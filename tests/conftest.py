@@ -7,12 +7,25 @@ import pytest
 from factory.config import compose
 
 SHRINK = [
-    "task.num_human=60", "task.num_train=40", "task.num_validation=10", "task.num_test=30",
-    "model.tiny.hidden_size=64", "model.tiny.num_layers=2", "model.tiny.num_heads=2",
-    "model.tiny.intermediate_size=128", "model.pretrain.max_steps=40", "model.pretrain.warmup_steps=5",
-    "trainer.max_steps=20", "trainer.warmup_steps=5", "trainer.progress_bar=false",
-    "sampler.num_samples=4", "sampler.max_new_tokens=40", "sampler.shard_size=16",
-    "eval.num_samples=4", "eval.ks=[1,2,4]", "eval.max_new_tokens=40",
+    "task.num_human=60",
+    "task.num_train=40",
+    "task.num_validation=10",
+    "task.num_test=30",
+    "model.tiny.hidden_size=64",
+    "model.tiny.num_layers=2",
+    "model.tiny.num_heads=2",
+    "model.tiny.intermediate_size=128",
+    "model.pretrain.max_steps=40",
+    "model.pretrain.warmup_steps=5",
+    "trainer.max_steps=20",
+    "trainer.warmup_steps=5",
+    "trainer.progress_bar=false",
+    "sampler.num_samples=4",
+    "sampler.max_new_tokens=40",
+    "sampler.shard_size=16",
+    "eval.num_samples=4",
+    "eval.ks=[1,2,4]",
+    "eval.max_new_tokens=40",
 ]
 
 
@@ -33,6 +46,13 @@ def tiny_model_and_tokenizer():
     from factory.models import build_tiny_model, train_char_tokenizer
 
     tokenizer = train_char_tokenizer(["Q: Ann has 3 pens.\nA: 3+4=7. Answer: 7"])
-    model = build_tiny_model(tokenizer, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128,
-                             max_position_embeddings=256, seed=0)
+    model = build_tiny_model(
+        tokenizer,
+        hidden_size=64,
+        num_layers=2,
+        num_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        seed=0,
+    )
     return model, tokenizer

@@ -32,12 +32,15 @@ def test_default_is_the_arith_demo():
     assert cfg.loop.iterations == 3
 
 
-@pytest.mark.parametrize("override, key", [
-    ("sampler.temprature=0.7", "temprature"),
-    ("task.num_trian=5", "num_trian"),
-    ("loop.iteratons=2", "iteratons"),
-    ("trainer.lr_rate=1", "lr_rate"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("sampler.temprature=0.7", "temprature"),
+        ("task.num_trian=5", "num_trian"),
+        ("loop.iteratons=2", "iteratons"),
+        ("trainer.lr_rate=1", "lr_rate"),
+    ],
+)
 def test_misspelt_key_fails_naming_it(override, key):
     with pytest.raises((ConfigCompositionException, ConfigKeyError)) as err:
         compose([override])
@@ -50,13 +53,16 @@ def test_wrong_type_fails():
     assert "num_samples" in str(err.value) + str(err.value.__cause__)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("task.strictness=lenient", "task.strictness"),
-    ("sampler.num_samples=0", "sampler.num_samples"),
-    ("sampler.top_p=1.5", "sampler.top_p"),
-    ("model.tiny.num_heads=8", "model.tiny.hidden_size / model.tiny.num_heads"),
-    ("eval.split=train", "eval.split"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("task.strictness=lenient", "task.strictness"),
+        ("sampler.num_samples=0", "sampler.num_samples"),
+        ("sampler.top_p=1.5", "sampler.top_p"),
+        ("model.tiny.num_heads=8", "model.tiny.hidden_size / model.tiny.num_heads"),
+        ("eval.split=train", "eval.split"),
+    ],
+)
 def test_bad_values_fail_with_the_key(override, message):
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         compose([override])

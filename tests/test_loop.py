@@ -14,14 +14,28 @@ from factory.rundir import RunDir
 
 @pytest.mark.slow
 def test_loop_end_to_end_and_rerun_skips(make_cfg, monkeypatch, capsys):
-    cfg = make_cfg("loop.iterations=2", "task.strictness=answer")
+    # Easy problems and a bit more pretraining, so that even this tiny model gets some answers right and
+    # every stage of both iterations runs on a non-empty snapshot.
+    cfg = make_cfg("loop.iterations=2", "task.strictness=answer", "task.max_operand=3", "task.max_steps=2",
+                   "task.human_max_steps=2", "task.max_value=9", "model.pretrain.max_steps=150",
+                   "model.pretrain.lr=3e-3")
     rows = loop.run(cfg)
+    assert [r["iteration"] for r in rows] == [0, 1, 2, "sft_human"]
+    assert all(r["num_kept"] > 0 for r in rows[1:3])
     run_dir = RunDir(cfg.paths.run_dir)
     summary = json.loads(run_dir.summary.read_text())
     assert [r["iteration"] for r in summary][0] == 0 and summary[-1]["iteration"] == "sft_human"
     for row in summary:
-        assert set(row) >= {"iteration", "greedy_accuracy", "pass_at_k", "maj_at_k", "num_problems_solved",
-                            "num_kept", "share_kept_with_valid_steps", "timings"}
+        assert set(row) >= {
+            "iteration",
+            "greedy_accuracy",
+            "pass_at_k",
+            "maj_at_k",
+            "num_problems_solved",
+            "num_kept",
+            "share_kept_with_valid_steps",
+            "timings",
+        }
         assert 0.0 <= row["greedy_accuracy"] <= 1.0
         assert set(row["pass_at_k"]) == {"1", "2", "4"}
     assert (run_dir.root / "report.md").read_text().count("|") > 20

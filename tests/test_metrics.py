@@ -49,7 +49,7 @@ def test_pass_at_k_matches_comb_form():
 
 def test_pass_at_k_monotone_in_k():
     values = [pass_at_k(20, 3, k) for k in range(1, 21)]
-    assert all(a <= b + 1e-12 for a, b in zip(values, values[1:]))
+    assert all(a <= b + 1e-12 for a, b in zip(values, values[1:], strict=False))
 
 
 @pytest.mark.parametrize(("n", "c", "k"), [(-1, 0, 1), (3, -1, 1), (3, 4, 1), (3, 1, 0), (3, 1, -2)])
@@ -112,14 +112,22 @@ def test_problem_metrics_length_mismatch():
 
 def _problems():
     return [
-        problem_metrics(gold="1", greedy_correct=True, sample_answers=["1", "1"],
-                        sample_correct=[True, True], ks=[1, 2]),
-        problem_metrics(gold="2", greedy_correct=False, sample_answers=["2", "3"],
-                        sample_correct=[True, False], ks=[1, 2]),
-        problem_metrics(gold="3", greedy_correct=False, sample_answers=[None, "4"],
-                        sample_correct=[False, False], ks=[1, 2]),
-        problem_metrics(gold="4", greedy_correct=True, sample_answers=["5", "4"],
-                        sample_correct=[False, True], ks=[1, 2]),
+        problem_metrics(
+            gold="1", greedy_correct=True, sample_answers=["1", "1"], sample_correct=[True, True], ks=[1, 2]
+        ),
+        problem_metrics(
+            gold="2", greedy_correct=False, sample_answers=["2", "3"], sample_correct=[True, False], ks=[1, 2]
+        ),
+        problem_metrics(
+            gold="3",
+            greedy_correct=False,
+            sample_answers=[None, "4"],
+            sample_correct=[False, False],
+            ks=[1, 2],
+        ),
+        problem_metrics(
+            gold="4", greedy_correct=True, sample_answers=["5", "4"], sample_correct=[False, True], ks=[1, 2]
+        ),
     ]
 
 
@@ -137,8 +145,9 @@ def test_aggregate_hand_made():
 
 def test_aggregate_none_propagates():
     probs = _problems()
-    probs.append(problem_metrics(gold="1", greedy_correct=True, sample_answers=["1"],
-                                 sample_correct=[True], ks=[1, 2]))
+    probs.append(
+        problem_metrics(gold="1", greedy_correct=True, sample_answers=["1"], sample_correct=[True], ks=[1, 2])
+    )
     agg = aggregate(probs, [1, 2])
     assert agg["pass_at_k"][1] is not None
     assert agg["pass_at_k"][2] is None

@@ -33,8 +33,9 @@ def test_tiny_model_saves_and_loads(tmp_path, tiny_model_and_tokenizer):
 
 def test_model_defaults_have_head_dim_32():
     tok = train_char_tokenizer([])
-    model = build_tiny_model(tok, hidden_size=128, num_layers=1, num_heads=4, intermediate_size=64,
-                             max_position_embeddings=64)
+    model = build_tiny_model(
+        tok, hidden_size=128, num_layers=1, num_heads=4, intermediate_size=64, max_position_embeddings=64
+    )
     assert model.config.head_dim == 32
 
 

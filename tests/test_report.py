@@ -10,15 +10,36 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _rows():
     timings = {"sample": 1.0, "verify": 0.1, "snapshot": 0.2, "train": 3.0, "eval": 2.0}
     return [
-        {"iteration": 1, "greedy_accuracy": 0.25, "pass_at_k": {1: 0.2, 4: 0.4, 8: 0.5},
-         "maj_at_k": {4: 0.3, 8: 0.31}, "num_problems_solved": 812, "num_kept": 1500,
-         "share_kept_with_valid_steps": 0.97, "timings": timings},
-        {"iteration": "sft_human", "greedy_accuracy": 0.2, "pass_at_k": {1: 0.18, 4: 0.35, 8: None},
-         "maj_at_k": {4: 0.25, 8: 0.27}, "num_problems_solved": None, "num_kept": None,
-         "share_kept_with_valid_steps": None, "timings": {"train": 5.0, "eval": 2.0}},
-        {"iteration": 0, "greedy_accuracy": 0.171, "pass_at_k": {1: 0.15, 4: 0.3, 8: 0.4},
-         "maj_at_k": {4: 0.2, 8: 0.22}, "num_problems_solved": None, "num_kept": None,
-         "share_kept_with_valid_steps": None, "timings": timings},
+        {
+            "iteration": 1,
+            "greedy_accuracy": 0.25,
+            "pass_at_k": {1: 0.2, 4: 0.4, 8: 0.5},
+            "maj_at_k": {4: 0.3, 8: 0.31},
+            "num_problems_solved": 812,
+            "num_kept": 1500,
+            "share_kept_with_valid_steps": 0.97,
+            "timings": timings,
+        },
+        {
+            "iteration": "sft_human",
+            "greedy_accuracy": 0.2,
+            "pass_at_k": {1: 0.18, 4: 0.35, 8: None},
+            "maj_at_k": {4: 0.25, 8: 0.27},
+            "num_problems_solved": None,
+            "num_kept": None,
+            "share_kept_with_valid_steps": None,
+            "timings": {"train": 5.0, "eval": 2.0},
+        },
+        {
+            "iteration": 0,
+            "greedy_accuracy": 0.171,
+            "pass_at_k": {1: 0.15, 4: 0.3, 8: 0.4},
+            "maj_at_k": {4: 0.2, 8: 0.22},
+            "num_problems_solved": None,
+            "num_kept": None,
+            "share_kept_with_valid_steps": None,
+            "timings": timings,
+        },
     ]
 
 
@@ -30,8 +51,19 @@ def test_format_table_cells_and_order():
     table = format_table(_rows())
     lines = table.strip().splitlines()
     header = [c.strip() for c in lines[0].strip("|").split("|")]
-    assert header == ["iteration", "greedy", "pass@1", "pass@4", "pass@8", "maj@4", "maj@8",
-                      "problems solved", "kept", "kept with valid steps", "time (s)"]
+    assert header == [
+        "iteration",
+        "greedy",
+        "pass@1",
+        "pass@4",
+        "pass@8",
+        "maj@4",
+        "maj@8",
+        "problems solved",
+        "kept",
+        "kept with valid steps",
+        "time (s)",
+    ]
     data = _data_lines(table)
     assert len(data) == 3
     assert data[0].startswith("| 0 |")
@@ -55,8 +87,15 @@ def test_format_table_string_keys_from_json():
 
 
 def test_format_table_numeric_k_order():
-    rows = [{"iteration": 0, "greedy_accuracy": 0.5, "pass_at_k": {"16": 0.9, "2": 0.6, "1": 0.5},
-             "maj_at_k": {}, "timings": {}}]
+    rows = [
+        {
+            "iteration": 0,
+            "greedy_accuracy": 0.5,
+            "pass_at_k": {"16": 0.9, "2": 0.6, "1": 0.5},
+            "maj_at_k": {},
+            "timings": {},
+        }
+    ]
     header = format_table(rows).splitlines()[0]
     assert header.index("pass@1") < header.index("pass@2") < header.index("pass@16")
 

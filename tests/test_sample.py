@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import polars as pl
 import torch
 from omegaconf import OmegaConf
@@ -26,7 +28,9 @@ def test_generate_shapes_seeding_and_greedy(tiny_model_and_tokenizer):
     kw = {"max_new_tokens": 12, "batch_size": 2, "progress": False}
     out = generate(model, tok, prompts, num_samples=5, temperature=1.0, seed=7, **kw)
     assert [len(x) for x in out] == [5, 5, 5]
-    assert all(0 <= s["num_tokens"] <= 12 and s["finish_reason"] in ("stop", "length") for x in out for s in x)
+    assert all(
+        0 <= s["num_tokens"] <= 12 and s["finish_reason"] in ("stop", "length") for x in out for s in x
+    )
     again = generate(model, tok, prompts, num_samples=5, temperature=1.0, seed=7, **kw)
     assert out == again
     other = generate(model, tok, prompts, num_samples=5, temperature=1.0, seed=8, **kw)
@@ -40,8 +44,10 @@ def test_generate_shapes_seeding_and_greedy(tiny_model_and_tokenizer):
 
 def test_sample_problems_writes_and_resumes_shards(tmp_path, tiny_model_and_tokenizer, monkeypatch):
     model, tok = tiny_model_and_tokenizer
-    settings = OmegaConf.merge(OmegaConf.structured(SamplerConfig), {
-        "num_samples": 3, "max_new_tokens": 8, "batch_size": 4, "shard_size": 4})
+    settings = OmegaConf.merge(
+        OmegaConf.structured(SamplerConfig),
+        {"num_samples": 3, "max_new_tokens": 8, "batch_size": 4, "shard_size": 4},
+    )
     out = tmp_path / "iter_1" / "samples"
     problems = _problems(10)
     # Simulate a crash after the second shard: the third generate call raises.
@@ -57,23 +63,45 @@ def test_sample_problems_writes_and_resumes_shards(tmp_path, tiny_model_and_toke
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(sample_module, "generate", flaky)
-    try:
-        sample_problems(model=model, tokenizer=tok, task=_Task(), problems=problems, out_dir=out,
-                        settings=settings, policy="p0", iteration=1)
-    except KeyboardInterrupt:
-        pass
+    with contextlib.suppress(KeyboardInterrupt):
+        sample_problems(
+            model=model,
+            tokenizer=tok,
+            task=_Task(),
+            problems=problems,
+            out_dir=out,
+            settings=settings,
+            policy="p0",
+            iteration=1,
+        )
     assert not out.exists(), "an unfinished E-step must not look finished"
     partial = tmp_path / "iter_1" / ".samples.partial"
     assert len(list(partial.glob("shard-*.parquet"))) == 2
     monkeypatch.setattr(sample_module, "generate", real_generate)
-    result = sample_problems(model=model, tokenizer=tok, task=_Task(), problems=problems, out_dir=out,
-                             settings=settings, policy="p0", iteration=1)
+    result = sample_problems(
+        model=model,
+        tokenizer=tok,
+        task=_Task(),
+        problems=problems,
+        out_dir=out,
+        settings=settings,
+        policy="p0",
+        iteration=1,
+    )
     assert result["generated"] == 2 * 3  # only the last shard (2 problems x 3 samples) was generated
     df = pl.read_parquet(sorted(out.glob("shard-*.parquet")))
     assert df.height == 30
     assert df.select(["problem_id", "sample_idx"]).is_unique().all()
-    assert set(df.columns) >= {"problem_id", "sample_idx", "prompt", "completion", "num_tokens", "finish_reason",
-                               "policy", "seed"}
+    assert set(df.columns) >= {
+        "problem_id",
+        "sample_idx",
+        "prompt",
+        "completion",
+        "num_tokens",
+        "finish_reason",
+        "policy",
+        "seed",
+    }
     assert read_json(out / "stage.json")["num_samples"] == 30
 
 
@@ -83,8 +111,12 @@ def test_shared_prefix_matches_plain_generate(tiny_model_and_tokenizer):
 
     model, tok = tiny_model_and_tokenizer
     enc = tok(["Q: a\nA: ", "Q: a longer one\nA: "], return_tensors="pt", padding=True)
-    kw = {"max_new_tokens": 10, "pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id,
-          "do_sample": False}
+    kw = {
+        "max_new_tokens": 10,
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "do_sample": False,
+    }
     shared = _generate_shared_prefix(model, dict(enc), num_samples=3, **kw)
     repeated = {k: v.repeat_interleave(3, dim=0) for k, v in enc.items()}
     plain = model.generate(**repeated, **kw)

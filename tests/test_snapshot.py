@@ -12,27 +12,46 @@ from factory.snapshot import build_snapshot, select_kept
 
 def _frames():
     rows = [  # problem a: 4 correct (one duplicate), b: 1 correct, c: none
-        ("a", 0, "x", 1.0), ("a", 1, "x", 1.0), ("a", 2, "y", 1.0), ("a", 3, "z", 1.0), ("a", 4, "w", 0.0),
-        ("b", 0, "q", 0.0), ("b", 1, "r", 1.0), ("c", 0, "s", 0.0),
+        ("a", 0, "x", 1.0),
+        ("a", 1, "x", 1.0),
+        ("a", 2, "y", 1.0),
+        ("a", 3, "z", 1.0),
+        ("a", 4, "w", 0.0),
+        ("b", 0, "q", 0.0),
+        ("b", 1, "r", 1.0),
+        ("c", 0, "s", 0.0),
     ]
-    samples = pl.DataFrame({
-        "problem_id": [r[0] for r in rows], "sample_idx": [r[1] for r in rows],
-        "prompt": [f"Q{r[0]}" for r in rows], "completion": [r[2] for r in rows],
-        "num_tokens": [1] * len(rows), "finish_reason": ["stop"] * len(rows), "policy": ["p"] * len(rows),
-        "seed": [0] * len(rows),
-    }).with_columns(pl.col("sample_idx").cast(pl.Int32))
-    verdicts = pl.DataFrame({
-        "problem_id": [r[0] for r in rows], "sample_idx": [r[1] for r in rows], "reward": [r[3] for r in rows],
-        "status": ["correct" if r[3] else "wrong" for r in rows], "detail": [""] * len(rows),
-        "answer": ["1"] * len(rows), "steps_valid": [True] * len(rows),
-    }).with_columns(pl.col("sample_idx").cast(pl.Int32))
+    samples = pl.DataFrame(
+        {
+            "problem_id": [r[0] for r in rows],
+            "sample_idx": [r[1] for r in rows],
+            "prompt": [f"Q{r[0]}" for r in rows],
+            "completion": [r[2] for r in rows],
+            "num_tokens": [1] * len(rows),
+            "finish_reason": ["stop"] * len(rows),
+            "policy": ["p"] * len(rows),
+            "seed": [0] * len(rows),
+        }
+    ).with_columns(pl.col("sample_idx").cast(pl.Int32))
+    verdicts = pl.DataFrame(
+        {
+            "problem_id": [r[0] for r in rows],
+            "sample_idx": [r[1] for r in rows],
+            "reward": [r[3] for r in rows],
+            "status": ["correct" if r[3] else "wrong" for r in rows],
+            "detail": [""] * len(rows),
+            "answer": ["1"] * len(rows),
+            "steps_valid": [True] * len(rows),
+        }
+    ).with_columns(pl.col("sample_idx").cast(pl.Int32))
     return samples, verdicts
 
 
 def test_keep_dedupe_cap():
     samples, verdicts = _frames()
-    kept, counts = select_kept(samples, verdicts.sample(fraction=1.0, shuffle=True, seed=1), max_per_problem=2,
-                               dedupe=True)
+    kept, counts = select_kept(
+        samples, verdicts.sample(fraction=1.0, shuffle=True, seed=1), max_per_problem=2, dedupe=True
+    )
     assert kept.select(["problem_id", "completion"]).rows() == [("a", "x"), ("a", "y"), ("b", "r")]
     assert counts["num_correct"] == 5 and counts["num_after_dedupe"] == 4 and counts["num_kept"] == 3
     assert counts["num_problems"] == 3 and counts["num_problems_solved"] == 2
@@ -53,9 +72,14 @@ def test_build_snapshot_round_trip(tmp_path):
     (tmp_path / "verdicts").mkdir()
     samples.write_parquet(tmp_path / "samples" / "shard-00000.parquet")
     verdicts.write_parquet(tmp_path / "verdicts" / "shard-00000.parquet")
-    kwargs = {"samples_dir": tmp_path / "samples", "verdicts_dir": tmp_path / "verdicts", "max_per_problem": 10,
-              "dedupe": True, "lineage": {"iteration": 1, "task": "arith", "base_model": "b", "policy": "b"},
-              "settings": {"sampler": {"temperature": 0.8}}}
+    kwargs = {
+        "samples_dir": tmp_path / "samples",
+        "verdicts_dir": tmp_path / "verdicts",
+        "max_per_problem": 10,
+        "dedupe": True,
+        "lineage": {"iteration": 1, "task": "arith", "base_model": "b", "policy": "b"},
+        "settings": {"sampler": {"temperature": 0.8}},
+    }
     manifest = build_snapshot(out_dir=tmp_path / "dataset", **kwargs)
     ds = load_from_disk(str(tmp_path / "dataset"))["train"]
     assert len(ds) == manifest["num_kept"] == 4

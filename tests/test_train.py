@@ -27,8 +27,10 @@ def test_prompt_tokens_are_masked(tiny_model_and_tokenizer):
 
 def test_collate_pads_right_and_masks_padding(tiny_model_and_tokenizer):
     _, tok = tiny_model_and_tokenizer
-    batch = collate([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}],
-                    pad_token_id=tok.pad_token_id)
+    batch = collate(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [5], "labels": [5]}],
+        pad_token_id=tok.pad_token_id,
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, tok.pad_token_id, tok.pad_token_id]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [5, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -60,10 +62,15 @@ def test_fine_tune_learns_and_exports(tmp_path, tiny_model_and_tokenizer):
     model, tok = tiny_model_and_tokenizer
     model = copy.deepcopy(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    pairs = [{"prompt": f"Q: {a}+{b}\nA: ", "completion": f"{a}+{b}={a + b}. Answer: {a + b}"}
-             for a in range(1, 6) for b in range(1, 6)]
-    settings = OmegaConf.merge(OmegaConf.structured(TrainerConfig), {
-        "max_steps": 60, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "progress_bar": False})
+    pairs = [
+        {"prompt": f"Q: {a}+{b}\nA: ", "completion": f"{a}+{b}={a + b}. Answer: {a + b}"}
+        for a in range(1, 6)
+        for b in range(1, 6)
+    ]
+    settings = OmegaConf.merge(
+        OmegaConf.structured(TrainerConfig),
+        {"max_steps": 60, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "progress_bar": False},
+    )
     info = fine_tune(model=model, tokenizer=tok, pairs=pairs, out_dir=tmp_path / "model", settings=settings)
     assert info["steps"] == 60
     assert info["last_loss"] < 0.6 * info["first_loss"]

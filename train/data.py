@@ -61,8 +61,16 @@ class CyclingSampler(Sampler[int]):
 class PromptCompletionDataModule(L.LightningDataModule):
     """Serves shuffled, padded batches of prompt/completion pairs (prompt tokens masked)."""
 
-    def __init__(self, tokenizer, pairs: list[dict], *, batch_size: int, max_steps: int, seed: int = 0,
-                 max_length: int = 512):
+    def __init__(
+        self,
+        tokenizer,
+        pairs: list[dict],
+        *,
+        batch_size: int,
+        max_steps: int,
+        seed: int = 0,
+        max_length: int = 512,
+    ):
         super().__init__()
         if not pairs:
             raise ValueError("no training examples: refusing to fine-tune on an empty dataset")
@@ -84,7 +92,10 @@ class PromptCompletionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         pad = self.tokenizer.pad_token_id
         return DataLoader(
-            self.examples, batch_size=self.batch_size,
-            sampler=CyclingSampler(len(self.examples), total=self.max_steps * self.batch_size, seed=self.seed),
+            self.examples,
+            batch_size=self.batch_size,
+            sampler=CyclingSampler(
+                len(self.examples), total=self.max_steps * self.batch_size, seed=self.seed
+            ),
             collate_fn=lambda batch: collate(batch, pad_token_id=pad),
         )

@@ -20,8 +20,16 @@ from train.module import CausalLMModule
 log = logging.getLogger(__name__)
 
 
-def fine_tune(*, model, tokenizer, pairs: list[dict], out_dir: Path, settings: DictConfig, desc: str = "M-step",
-              extra_info: dict | None = None) -> dict:
+def fine_tune(
+    *,
+    model,
+    tokenizer,
+    pairs: list[dict],
+    out_dir: Path,
+    settings: DictConfig,
+    desc: str = "M-step",
+    extra_info: dict | None = None,
+) -> dict:
     """Trains ``model`` on prompt/completion ``pairs`` and saves model + tokenizer to ``out_dir`` atomically.
 
     Args:
@@ -39,28 +47,48 @@ def fine_tune(*, model, tokenizer, pairs: list[dict], out_dir: Path, settings: D
     start = time.time()
     L.seed_everything(int(settings.seed), verbose=False)
     data = PromptCompletionDataModule(
-        tokenizer, pairs, batch_size=int(settings.batch_size), max_steps=int(settings.max_steps),
+        tokenizer,
+        pairs,
+        batch_size=int(settings.batch_size),
+        max_steps=int(settings.max_steps),
         seed=int(settings.seed),
     )
     module = CausalLMModule(
-        model, lr=float(settings.lr), weight_decay=float(settings.weight_decay),
-        warmup_steps=int(settings.warmup_steps), max_steps=int(settings.max_steps),
+        model,
+        lr=float(settings.lr),
+        weight_decay=float(settings.weight_decay),
+        warmup_steps=int(settings.warmup_steps),
+        max_steps=int(settings.max_steps),
         min_lr_ratio=float(settings.min_lr_ratio),
     )
     trainer = L.Trainer(
-        accelerator=settings.accelerator, devices=settings.devices, strategy=settings.strategy,
-        num_nodes=int(settings.num_nodes), precision=settings.precision, max_steps=int(settings.max_steps),
-        max_epochs=-1, gradient_clip_val=float(settings.grad_clip), logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=bool(settings.progress_bar),
-        default_root_dir=str(Path(out_dir).parent), log_every_n_steps=50,
+        accelerator=settings.accelerator,
+        devices=settings.devices,
+        strategy=settings.strategy,
+        num_nodes=int(settings.num_nodes),
+        precision=settings.precision,
+        max_steps=int(settings.max_steps),
+        max_epochs=-1,
+        gradient_clip_val=float(settings.grad_clip),
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=bool(settings.progress_bar),
+        default_root_dir=str(Path(out_dir).parent),
+        log_every_n_steps=50,
     )
-    log.info("%s: %d examples, %d steps of batch %d", desc, len(pairs), settings.max_steps, settings.batch_size)
+    log.info(
+        "%s: %d examples, %d steps of batch %d", desc, len(pairs), settings.max_steps, settings.batch_size
+    )
     trainer.fit(module, datamodule=data)
     losses = module.losses
     tail = losses[-50:]
     info = {
-        "steps": len(losses), "num_examples": len(pairs), "first_loss": losses[0] if losses else None,
-        "last_loss": sum(tail) / len(tail) if tail else None, **(extra_info or {}),
+        "steps": len(losses),
+        "num_examples": len(pairs),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": sum(tail) / len(tail) if tail else None,
+        **(extra_info or {}),
     }
     with atomic_dir(Path(out_dir)) as tmp:
         module.model.save_pretrained(tmp)
@@ -73,7 +101,10 @@ def fine_tune(*, model, tokenizer, pairs: list[dict], out_dir: Path, settings: D
 
 def human_pairs(task) -> list[dict]:
     """The human-written seed solutions as prompt/completion pairs."""
-    return [{"prompt": task.format_prompt(p), "completion": p["solution"]} for p in task.load_problems(split="human")]
+    return [
+        {"prompt": task.format_prompt(p), "completion": p["solution"]}
+        for p in task.load_problems(split="human")
+    ]
 
 
 def snapshot_pairs(dataset_dir: Path) -> list[dict]:
@@ -90,8 +121,15 @@ def train_from_base(cfg: DictConfig, *, base_path: Path, pairs: list[dict], out_
 
     model = load_model(base_path, dtype=cfg.model.dtype)
     tokenizer = load_tokenizer(base_path)
-    return fine_tune(model=model, tokenizer=tokenizer, pairs=pairs, out_dir=out_dir, settings=cfg.trainer,
-                     desc=desc, extra_info={"base_model": str(base_path)})
+    return fine_tune(
+        model=model,
+        tokenizer=tokenizer,
+        pairs=pairs,
+        out_dir=out_dir,
+        settings=cfg.trainer,
+        desc=desc,
+        extra_info={"base_model": str(base_path)},
+    )
 
 
 def run(cfg: DictConfig) -> dict:
@@ -104,12 +142,19 @@ def run(cfg: DictConfig) -> dict:
     k = int(cfg.iteration)
     dataset_dir = run_dir.stage(k, "dataset")
     if not run_dir.is_done(k, "dataset"):
-        raise FileNotFoundError(f"no finished snapshot at {dataset_dir}: run restem-snapshot iteration={k} first")
+        raise FileNotFoundError(
+            f"no finished snapshot at {dataset_dir}: run restem-snapshot iteration={k} first"
+        )
     pairs = snapshot_pairs(dataset_dir)
     if cfg.loop.include_human_data:
         pairs += human_pairs(build_task(cfg.task))
-    return train_from_base(cfg, base_path=ensure_base_model(cfg), pairs=pairs,
-                           out_dir=run_dir.stage(k, "model"), desc=f"M-step iteration {k}")
+    return train_from_base(
+        cfg,
+        base_path=ensure_base_model(cfg),
+        pairs=pairs,
+        out_dir=run_dir.stage(k, "model"),
+        desc=f"M-step iteration {k}",
+    )
 
 
 main = hydra_entry(run)

@@ -17,8 +17,9 @@ def warmup_linear_decay(step: int, *, warmup_steps: int, max_steps: int, min_lr_
 class CausalLMModule(L.LightningModule):
     """Wraps a transformers causal LM; ``losses`` keeps the per-step training loss for reports and tests."""
 
-    def __init__(self, model, *, lr: float, weight_decay: float, warmup_steps: int, max_steps: int,
-                 min_lr_ratio: float):
+    def __init__(
+        self, model, *, lr: float, weight_decay: float, warmup_steps: int, max_steps: int, min_lr_ratio: float
+    ):
         super().__init__()
         self.model = model
         self.lr = lr
@@ -45,7 +46,8 @@ class CausalLMModule(L.LightningModule):
             (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=self.lr, betas=(0.9, 0.95),
+            lr=self.lr,
+            betas=(0.9, 0.95),
         )
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer,

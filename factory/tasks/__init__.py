@@ -34,7 +34,9 @@ class ArithTask:
     def format_prompt(self, problem: dict) -> str:
         return arith.format_prompt(problem)
 
-    def verify(self, problems: list[dict], completions: list[str], *, strictness: str | None = None) -> list[dict]:
+    def verify(
+        self, problems: list[dict], completions: list[str], *, strictness: str | None = None
+    ) -> list[dict]:
         """Verdicts (reward, status, detail, answer, steps_valid), one per completion, same order."""
         return arith_verifier.verify_batch(
             completions, [p["answer"] for p in problems], strictness=strictness or self.cfg.strictness

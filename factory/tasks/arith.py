@@ -16,12 +16,14 @@ import random
 
 SPLITS = ("human", "train", "validation", "test")
 
-# Hash buckets (out of 100) owned by each split; together they cover [0, 100) exactly once.
+# Hash buckets (out of 100) owned by each split; together they cover [0, 100) exactly once. Validation and
+# test own equal shares so that short computations repeat equally often in both: validation is then a
+# faithful proxy of test for tuning (with 10% vs 25%, validation gains ran ~2x larger than test gains).
 _SPLIT_BUCKETS = {
     "human": range(0, 20),
-    "train": range(20, 65),
-    "validation": range(65, 75),
-    "test": range(75, 100),
+    "train": range(20, 60),
+    "validation": range(60, 80),
+    "test": range(80, 100),
 }
 
 # (name, subject pronoun, possessive pronoun). Short names keep questions short: a character-level
