@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from factory.config import hydra_entry
 from factory.rundir import STAGE_FILE
+from factory.tasks import arith
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ def base_model_key(cfg: DictConfig) -> str:
         "pretrain": OmegaConf.to_container(cfg.model.pretrain, resolve=True),
         "task": {k: task.get(k) for k in _HUMAN_DATA_KEYS},
         "trainer_seed": cfg.trainer.seed,
+        "generator": arith.GENERATOR_VERSION,
         "format": 1,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]

@@ -45,6 +45,8 @@ def fine_tune(
         dict with ``steps``, ``first_loss``, ``last_loss`` (mean of the last 50 steps), ``seconds``.
     """
     start = time.time()
+    # Lightning's start-up banner (accelerator lines, cloud-logging tips) is noise in a loop of many fits.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     L.seed_everything(int(settings.seed), verbose=False)
     data = PromptCompletionDataModule(
         tokenizer,
@@ -68,7 +70,7 @@ def fine_tune(
         num_nodes=int(settings.num_nodes),
         precision=settings.precision,
         max_steps=int(settings.max_steps),
-        max_epochs=-1,
+        max_epochs=1,  # the data stream is exactly max_steps batches long (CyclingSampler)
         gradient_clip_val=float(settings.grad_clip),
         logger=False,
         enable_checkpointing=False,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import random
 
+GENERATOR_VERSION = 2  # bump when the same knobs would give different problems (it keys cached base models)
 SPLITS = ("human", "train", "validation", "test")
 
 # Hash buckets (out of 100) owned by each split; together they cover [0, 100) exactly once. Validation and
@@ -188,6 +189,7 @@ def generate_split(
     problems: list[dict] = []
     seen_questions: set[str] = set()
     attempts = 0
+    num_steps = None
     while len(problems) < num_problems:
         if attempts >= max_attempts:
             raise ValueError(
@@ -197,7 +199,11 @@ def generate_split(
                 f"max_value or lower num_problems"
             )
         attempts += 1
-        num_steps = rng.randint(min_steps, max_steps)
+        if num_steps is None:
+            # The step count is fixed per problem slot and the search stays within it, so every split
+            # gets the configured (uniform) mix of difficulties, whatever share of the few short
+            # computations its hash buckets happen to own.
+            num_steps = rng.randint(min_steps, max_steps)
         start, ops = _draw_ops(rng, num_steps=num_steps, max_operand=max_operand, max_value=max_value)
         question, solution, computation = _render(rng, start, ops)
         if split_of_computation(computation) != split or question in seen_questions:
@@ -214,6 +220,7 @@ def generate_split(
                 "computation": computation,
             }
         )
+        num_steps = None
     return problems
 
 
