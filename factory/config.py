@@ -6,6 +6,8 @@ at compose time with the key's name instead of being silently ignored.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,8 +224,16 @@ def hydra_entry(run_fn: Callable[[DictConfig], dict]) -> Callable[[], None]:
 
         @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
         def _main(cfg: DictConfig) -> None:
-            validate(cfg)
-            run_fn(cfg)
+            try:
+                validate(cfg)
+                run_fn(cfg)
+            except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+                # Bad input is reported in one line naming the problem; finished stages stay on disk.
+                # (HYDRA_FULL_ERROR=1 still shows the traceback.)
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(1)
 
         _main()
 

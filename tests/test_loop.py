@@ -57,3 +57,23 @@ def test_loop_end_to_end_and_rerun_skips(make_cfg, monkeypatch, capsys):
     for name in ("sample_problems", "verify_samples", "build_snapshot", "train_from_base", "evaluate_model"):
         monkeypatch.setattr(loop, name, boom)
     assert loop.run(cfg) == rows
+
+
+@pytest.mark.slow
+def test_empty_snapshot_stops_without_training(make_cfg, capsys):
+    # 5 pretraining steps: the model writes no parseable answer, so iteration 1 keeps nothing.
+    cfg = make_cfg("loop.iterations=2", "model.pretrain.max_steps=5", "sampler.max_new_tokens=8",
+                   "eval.max_new_tokens=8", "loop.sft_baseline=false")
+    rows = loop.run(cfg)
+    assert [r["iteration"] for r in rows] == [0]
+    assert "kept 0 of 160 samples" in capsys.readouterr().out
+    run_dir = RunDir(cfg.paths.run_dir)
+    assert run_dir.is_done(1, "dataset") and not run_dir.stage(1, "model").exists()
+    assert not run_dir.stage(2, "samples").exists()
+
+    # Going on is a config choice: iteration 2 samples again with the same (base) policy.
+    cfg.loop.stop_on_empty_snapshot = False
+    assert [r["iteration"] for r in loop.run(cfg)] == [0]
+    assert run_dir.is_done(2, "dataset") and not run_dir.stage(2, "model").exists()
+    manifest = json.loads((run_dir.stage(2, "dataset") / "manifest.json").read_text())
+    assert manifest["policy"] == str(ensure_base_model(cfg))

@@ -52,3 +52,13 @@ def test_cli_reports_a_misspelt_key(tmp_path):
     assert proc.returncode != 0
     assert "temprature" in proc.stderr
     assert not any(tmp_path.iterdir()), "a config error must not write anything"
+
+
+def test_cli_bad_value_is_one_clear_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", "from factory.loop import main; main()", "task.strictness=lenient",
+         f"paths.run_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: config error: task.strictness='lenient'; allowed: answer, steps"
