@@ -109,7 +109,7 @@ def _value(row: dict, field: str, k: int | None) -> float | None:
     return row.get(field) if k is None else _metric(row, field, k)
 
 
-def plot_summary(rows: list[dict], path) -> pathlib.Path:
+def plot_summary(rows: list[dict], path, *, split: str = "test") -> pathlib.Path:
     """Plot accuracy over ReST-EM iterations, with the SFT baseline dashed.
 
     Args:
@@ -153,7 +153,7 @@ def plot_summary(rows: list[dict], path) -> pathlib.Path:
             ax.set_xticks([int(r["iteration"]) for r in iters])
         ax.set_xlabel("ReST-EM iteration")
         ax.set_ylabel("accuracy (%)")
-        ax.set_title("ReST-EM: test accuracy per iteration")
+        ax.set_title(f"ReST-EM: {split} accuracy per iteration")
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize="small")
@@ -185,11 +185,11 @@ def _write_text_atomic(path: pathlib.Path, text: str) -> None:
         raise
 
 
-EXPLANATION = (
+_EXPLANATION = (
     "Each row is one evaluated model: iteration 0 is the base model and "
     "iteration i is the model fine-tuned on the i-th ReST-EM snapshot; the "
     f'"{SFT_LABEL}" row is the baseline fine-tuned on the human-written '
-    "solutions. *greedy* is greedy-decoding accuracy on the test split; "
+    "solutions. *greedy* is greedy-decoding accuracy on the {split} split; "
     "*pass@k* is the probability that at least one of k samples is correct, "
     "computed with the unbiased estimator of Chen et al. (2021) from all "
     "drawn samples; *maj@k* is the accuracy of the majority-vote answer over "
@@ -198,24 +198,26 @@ EXPLANATION = (
     "generation step, *kept* is the number of verified samples kept in the "
     "iteration's snapshot, and *kept with valid steps* is the share of kept "
     "samples whose intermediate steps also check out. *time (s)* is the "
-    f"wall-clock total of the iteration's stages. Missing values are shown as {MISSING}."
+    "wall-clock total of the iteration's stages. Missing values are shown as {missing}."
 )
 
 
-def write_report(rows: list[dict], run_dir, *, title: str = "ReST-EM run") -> dict:
+def write_report(rows: list[dict], run_dir, *, title: str = "ReST-EM run", split: str = "test") -> dict:
     """Write ``report.md`` and ``plots/summary.png`` into ``run_dir``.
 
     Args:
         rows: Summary rows, one per evaluated model.
         run_dir: The run directory.
         title: Heading of the report.
+        split: The evaluation split named in the text and the plot.
 
     Returns:
         ``{"report": Path to report.md, "plot": Path to the PNG}``.
     """
     run_dir = pathlib.Path(run_dir)
-    plot_path = plot_summary(rows, run_dir / PLOT_RELPATH)
-    text = f"# {title}\n\n{EXPLANATION}\n\n{format_table(rows)}\n![accuracy per iteration]({PLOT_RELPATH})\n"
+    plot_path = plot_summary(rows, run_dir / PLOT_RELPATH, split=split)
+    explanation = _EXPLANATION.format(split=split, missing=MISSING)
+    text = f"# {title}\n\n{explanation}\n\n{format_table(rows)}\n![accuracy per iteration]({PLOT_RELPATH})\n"
     report_path = run_dir / "report.md"
     _write_text_atomic(report_path, text)
     return {"report": report_path, "plot": plot_path}

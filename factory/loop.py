@@ -81,7 +81,7 @@ def run(cfg: DictConfig) -> list[dict]:
             )
         rows.append(_row("sft_human", evaluate("sft_human", run_dir.stage("sft_human", "model")), run_dir))
     write_json(run_dir.summary, rows)
-    paths = write_report(rows, run_dir.root, title=f"ReST-EM run: {cfg.name}")
+    paths = write_report(rows, run_dir.root, title=f"ReST-EM run: {cfg.name}", split=cfg.eval.split)
     print(f"\n{format_table(rows)}\n")
     print(f"summary: {run_dir.summary}\nreport:  {paths['report']}\nplot:    {paths['plot']}")
     print(f"finished in {time.time() - start:.0f} s")
