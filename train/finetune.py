@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -47,6 +48,8 @@ def fine_tune(
     start = time.time()
     # Lightning's start-up banner (accelerator lines, cloud-logging tips) is noise in a loop of many fits.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    # lightning 2.6 calls a torch pytree API that torch 2.13 deprecates: harmless, not ours to fix.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     L.seed_everything(int(settings.seed), verbose=False)
     data = PromptCompletionDataModule(
         tokenizer,
