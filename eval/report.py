@@ -202,7 +202,9 @@ _EXPLANATION = (
 )
 
 
-def write_report(rows: list[dict], run_dir, *, title: str = "ReST-EM run", split: str = "test") -> dict:
+def write_report(
+    rows: list[dict], run_dir, *, title: str = "ReST-EM run", split: str = "test", appendix: str = ""
+) -> dict:
     """Write ``report.md`` and ``plots/summary.png`` into ``run_dir``.
 
     Args:
@@ -210,6 +212,7 @@ def write_report(rows: list[dict], run_dir, *, title: str = "ReST-EM run", split
         run_dir: The run directory.
         title: Heading of the report.
         split: The evaluation split named in the text and the plot.
+        appendix: Markdown appended after the table and plot (e.g. the verifier audit).
 
     Returns:
         ``{"report": Path to report.md, "plot": Path to the PNG}``.
@@ -218,6 +221,8 @@ def write_report(rows: list[dict], run_dir, *, title: str = "ReST-EM run", split
     plot_path = plot_summary(rows, run_dir / PLOT_RELPATH, split=split)
     explanation = _EXPLANATION.format(split=split, missing=MISSING)
     text = f"# {title}\n\n{explanation}\n\n{format_table(rows)}\n![accuracy per iteration]({PLOT_RELPATH})\n"
+    if appendix:
+        text += f"\n{appendix}"
     report_path = run_dir / "report.md"
     _write_text_atomic(report_path, text)
     return {"report": report_path, "plot": plot_path}
