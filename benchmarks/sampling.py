@@ -30,8 +30,10 @@ def main() -> None:
     cfg = compose()
     path = ensure_base_model(cfg)
     model, tok = load_model(path), load_tokenizer(path)
-    task = build_task(cfg.task)
-    prompts = [task.format_prompt(p) for p in task.load_problems(split="train")[: args.problems]]
+    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
+    prompts = [
+        task.format_prompt(p, tokenizer=tok) for p in task.load_problems(split="train")[: args.problems]
+    ]
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}")
     print(
         f"{len(prompts)} prompts x {args.samples} samples, batch {args.batch_size} prompts, T=0.8, top-k 40"

@@ -8,6 +8,9 @@ gold, through ``verify_batch``'s process pool; then plain single-threaded math-v
 
 Audit (``--audit``): every gold solution of GSM8K (train+test), MATH-500 and MATH (12,500)
 judged against its own gold; prints the share judged correct and each MATH exception.
+
+Mismatch audit (``--mismatch``): every gold solution judged against another problem's gold; the
+false-positive rate counts only pairs whose two golds are not the same answer.
 """
 
 from __future__ import annotations
@@ -121,6 +124,54 @@ def audit(data_dir: Path, workers: int) -> None:
                         )
 
 
+def _gold_sets(data_dir: Path) -> dict[str, tuple[list[str], list[str]]]:
+    gsm = _load(data_dir, "gsm8k/train.jsonl") + _load(data_dir, "gsm8k/test.jsonl")
+    math500 = _load(data_dir, "prm800k_math_splits/test.jsonl")
+    math_rows = _load(data_dir, "math/train.jsonl") + _load(data_dir, "math/test.jsonl")
+    return {
+        "GSM8K train+test": (
+            [r["answer"] for r in gsm],
+            [extract_gold(r["answer"], style="gsm8k") for r in gsm],
+        ),
+        "MATH-500": ([r["solution"] for r in math500], [r["answer"] for r in math500]),
+        "MATH train+test": (
+            [r["solution"] for r in math_rows],
+            [extract_gold(r["solution"], style="boxed") for r in math_rows],
+        ),
+    }
+
+
+def mismatch_audit(data_dir: Path, workers: int) -> None:
+    """Judge every gold solution against ANOTHER problem's gold (a seeded derangement).
+
+    Different problems sometimes share an answer ("2"); a reward there is right, not a false
+    positive. So the other gold is also compared with the problem's own gold (math-verify, gold
+    against gold), and the false-positive rate is reported over the pairs whose golds differ.
+    """
+    print(_machine())
+    with make_pool(timeout=10.0, workers=workers) as pool:
+        for name, (solutions, golds) in _gold_sets(data_dir).items():
+            order = list(range(len(golds)))
+            random.Random(0).shuffle(order)
+            other = [0] * len(golds)
+            for a, b in zip(order, order[1:] + order[:1], strict=True):
+                other[a] = b  # a cycle over a shuffled order: nobody gets their own gold
+            paired = [golds[other[i]] for i in range(len(golds))]
+            verdicts = verify_batch(solutions, paired, timeout=10.0, pool=pool)
+            # A problem's own gold, written as a boxed answer, judged against the paired gold.
+            same = verify_batch([f"\\boxed{{{g}}}" for g in golds], paired, timeout=10.0, pool=pool)
+            rewarded = sum(v["reward"] > 0 for v in verdicts)
+            different = [i for i, v in enumerate(same) if v["status"] != "correct"]
+            false_pos = [i for i in different if verdicts[i]["reward"] > 0]
+            print(
+                f"{name}: {rewarded}/{len(golds)} = {100 * rewarded / len(golds):.2f}% rewarded against another "
+                f"problem's gold; pairs with a different gold: {len(different)}, rewarded {len(false_pos)} "
+                f"= {100 * len(false_pos) / max(1, len(different)):.3f}%"
+            )
+            for i in false_pos[:20]:
+                print(f"  own gold {golds[i]!r} vs other {paired[i]!r}: {verdicts[i]['detail']}")
+
+
 def main() -> None:
     """Parse arguments and run the benchmark or the audit."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -131,8 +182,13 @@ def main() -> None:
     parser.add_argument("--baseline-n", type=int, default=2_000, help="completions for the plain baseline")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--audit", action="store_true", help="run the gold-vs-own-gold audit instead")
+    parser.add_argument(
+        "--mismatch", action="store_true", help="judge each gold solution against another's gold"
+    )
     args = parser.parse_args()
-    if args.audit:
+    if args.mismatch:
+        mismatch_audit(args.data_dir, args.workers)
+    elif args.audit:
         audit(args.data_dir, args.workers)
     else:
         benchmark(args.data_dir, args.n, args.baseline_n, args.workers)

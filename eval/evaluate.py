@@ -41,7 +41,7 @@ def evaluate_model(
         raise ValueError(f"no problems to evaluate on split {settings.split!r}")
     start = time.time()
     model, tokenizer = load_model(model_path, dtype=dtype), load_tokenizer(model_path)
-    prompts = [task.format_prompt(p) for p in problems]
+    prompts = [task.format_prompt(p, tokenizer=tokenizer) for p in problems]
     n = int(settings.num_samples)
     batch, max_new = int(settings.batch_size), int(settings.max_new_tokens)
     # Greedy calls carry one sequence per prompt: give them as many sequences per call as sampled ones.
@@ -122,16 +122,19 @@ def run(cfg: DictConfig) -> dict:
     model_path = ensure_base_model(cfg) if k == 0 else run_dir.stage(k, "model")
     if k > 0 and not run_dir.is_done(k, "model"):
         raise FileNotFoundError(f"no finished model at {model_path}: run restem-train iteration={k} first")
-    task = build_task(cfg.task)
-    result = evaluate_model(
-        model_path=model_path,
-        task=task,
-        problems=task.load_problems(split=cfg.eval.split, limit=cfg.eval.limit),
-        settings=cfg.eval,
-        out_dir=out,
-        dtype=cfg.model.dtype,
-        label=f"eval iter {k}",
-    )
+    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
+    try:
+        result = evaluate_model(
+            model_path=model_path,
+            task=task,
+            problems=task.load_problems(split=cfg.eval.split, limit=cfg.eval.limit),
+            settings=cfg.eval,
+            out_dir=out,
+            dtype=cfg.model.dtype,
+            label=f"eval iter {k}",
+        )
+    finally:
+        task.close()  # the math verifier's worker processes
     print(json.dumps(result, indent=2))
     return result
 

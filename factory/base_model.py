@@ -19,25 +19,17 @@ from factory.tasks import arith
 
 log = logging.getLogger(__name__)
 
-# Task keys that change the human seed data; the others (train/test sizes, reward) do not touch p0.
-_HUMAN_DATA_KEYS = (
-    "name",
-    "seed",
-    "num_human",
-    "human_min_steps",
-    "human_max_steps",
-    "max_operand",
-    "max_value",
-)
-
 
 def base_model_key(cfg: DictConfig) -> str:
     """A short fingerprint of everything that determines the tiny base model."""
-    task = OmegaConf.to_container(cfg.task, resolve=True)
+    from factory.tasks import build_task
+
+    # Only the task knows which of its config items shape the human split (train/test sizes do not).
+    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
     payload = {
         "tiny": OmegaConf.to_container(cfg.model.tiny, resolve=True),
         "pretrain": OmegaConf.to_container(cfg.model.pretrain, resolve=True),
-        "task": {k: task.get(k) for k in _HUMAN_DATA_KEYS},
+        "task": task.human_data_fingerprint(),
         "trainer_seed": cfg.trainer.seed,
         "generator": arith.GENERATOR_VERSION,
         "format": 1,
@@ -67,7 +59,8 @@ def _pretrain_tiny(cfg: DictConfig, out_dir: Path) -> None:
     from factory.tasks import build_task
     from train.finetune import fine_tune, human_pairs
 
-    pairs = human_pairs(build_task(cfg.task))
+    # No tokenizer yet (it is trained from these pairs): the chat prompt style needs a Hub model.
+    pairs = human_pairs(build_task(cfg.task, data_dir=cfg.paths.data_dir), tokenizer=None)
     tokenizer = train_char_tokenizer([p["prompt"] + p["completion"] for p in pairs])
     tiny = cfg.model.tiny
     model = build_tiny_model(

@@ -44,6 +44,31 @@ class ArithTaskConfig:
 
 
 @dataclass
+class MathTaskConfig:
+    """GSM8K, Hendrycks MATH and MATH-500 (factory/tasks/math_tasks.py); the YAMLs set per-task values."""
+
+    name: str = MISSING  # gsm8k | math | math500
+    source: str = "local"  # "local": JSONL files under paths.data_dir; "hub": datasets.load_dataset
+    hub_name: str | None = None  # e.g. openai/gsm8k, HuggingFaceH4/MATH-500
+    hub_config: Any = None  # e.g. "main", or a list of configs that are concatenated in order
+    hub_pool_name: str | None = None  # math500 only: MATH train+test on the Hub (its training pool)
+    hub_pool_config: Any = None
+    seed: int = 0
+    shuffle: bool = False  # seeded shuffle of the training pool (default: file order)
+    num_human: int = 500  # head of the training pool, with human solutions (base pretraining, SFT baseline)
+    num_train: int | None = None  # problems the E-step samples on (answers only); null = up to validation
+    train_start: int | None = None  # first train problem in the pool; null = right after the human ones
+    num_validation: int = 500  # tail of the training pool; for tuning, never tune on test
+    num_test: int | None = None  # null = the whole benchmark test set
+    max_chars: int | None = None  # drop pool problems whose question + solution is longer (tiny models)
+    prompt_style: str = "plain"  # plain | fewshot (num_shots human solutions) | chat (tokenizer template)
+    num_shots: int = 4
+    strictness: str = "answer"  # outcome-only reward (the paper); these tasks have no step checks
+    verifier_timeout: float = 5.0  # seconds per sample (math-verify in a deadline pool)
+    verifier_workers: int = 2
+
+
+@dataclass
 class TinyModelConfig:
     hidden_size: int = 128
     num_layers: int = 4
@@ -148,6 +173,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="restem_schema", node=RestemConfig)
     cs.store(group="task", name="arith_schema", node=ArithTaskConfig)
+    cs.store(group="task", name="math_task_schema", node=MathTaskConfig)
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
@@ -167,6 +193,8 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 _CHOICES = {
     "sampler.backend": ("hf",),
     "task.strictness": ("answer", "steps"),
+    "task.source": ("local", "hub"),
+    "task.prompt_style": ("plain", "fewshot", "chat"),
     "eval.split": ("validation", "test"),
     "model.dtype": ("float32", "bfloat16", "float16"),
 }
@@ -178,6 +206,16 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:
             raise ValueError(f"config error: {key}={value!r}; allowed: {', '.join(allowed)}")
+    if cfg.task.name in ("gsm8k", "math", "math500"):
+        if cfg.task.strictness != "answer":
+            raise ValueError(
+                f"config error: task.strictness={cfg.task.strictness!r}; allowed for {cfg.task.name}: answer"
+            )
+        if cfg.task.verifier_workers < 1 or not cfg.task.verifier_timeout > 0:
+            raise ValueError(
+                "config error: task.verifier_workers must be >= 1 and task.verifier_timeout > 0, got "
+                f"{cfg.task.verifier_workers} and {cfg.task.verifier_timeout}"
+            )
     positive = [
         "sampler.num_samples",
         "sampler.batch_size",

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from eval.evaluate import evaluate_model
 from eval.report import format_table, write_report
+from factory.audit import audit_iteration, format_audit
 from factory.base_model import ensure_base_model
 from factory.config import hydra_entry, validate
 from factory.rundir import RunDir, read_json, write_json
@@ -36,7 +37,14 @@ def run(cfg: DictConfig) -> list[dict]:
     start = time.time()
     run_dir = RunDir(cfg.paths.run_dir)
     run_dir.init(cfg)
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
+    try:
+        return _run(cfg, run_dir, task, start)
+    finally:
+        task.close()  # the math verifier's worker processes
+
+
+def _run(cfg: DictConfig, run_dir: RunDir, task, start: float) -> list[dict]:
     train_problems = task.load_problems(split="train")
     eval_problems = task.load_problems(split=cfg.eval.split, limit=cfg.eval.limit)
     for name, problems in (("training", train_problems), (f"{cfg.eval.split}", eval_problems)):
@@ -75,13 +83,24 @@ def run(cfg: DictConfig) -> list[dict]:
             train_from_base(
                 cfg,
                 base_path=base,
-                pairs=human_pairs(task),
+                pairs=human_pairs(task, tokenizer=_tokenizer(base)),
                 out_dir=run_dir.stage("sft_human", "model"),
                 desc="SFT on human data",
             )
         rows.append(_row("sft_human", evaluate("sft_human", run_dir.stage("sft_human", "model")), run_dir))
     write_json(run_dir.summary, rows)
-    paths = write_report(rows, run_dir.root, title=f"ReST-EM run: {cfg.name}", split=cfg.eval.split)
+    audits = {
+        k: audit_iteration(samples_dir=run_dir.stage(k, "samples"), verdicts_dir=run_dir.stage(k, "verdicts"))
+        for k in range(1, cfg.loop.iterations + 1)
+        if run_dir.is_done(k, "verdicts")
+    }
+    paths = write_report(
+        rows,
+        run_dir.root,
+        title=f"ReST-EM run: {cfg.name}",
+        split=cfg.eval.split,
+        appendix=format_audit(audits),
+    )
     print(f"\n{format_table(rows)}\n")
     print(f"summary: {run_dir.summary}\nreport:  {paths['report']}\nplot:    {paths['plot']}")
     print(f"finished in {time.time() - start:.0f} s")
@@ -133,10 +152,17 @@ def _iteration(cfg: DictConfig, run_dir: RunDir, task, problems: list[dict], bas
     if not run_dir.is_done(k, "model"):
         pairs = snapshot_pairs(run_dir.stage(k, "dataset"))
         if cfg.loop.include_human_data:
-            pairs += human_pairs(task)
+            pairs += human_pairs(task, tokenizer=_tokenizer(base))
         train_from_base(
             cfg, base_path=base, pairs=pairs, out_dir=run_dir.stage(k, "model"), desc=f"M-step iteration {k}"
         )
+
+
+def _tokenizer(base):
+    """The base model's tokenizer, which chat-style prompts of the human pairs need."""
+    from factory.models import load_tokenizer
+
+    return load_tokenizer(base)
 
 
 def _row(k: int | str, metrics: dict, run_dir: RunDir) -> dict:
@@ -168,6 +194,8 @@ def _share_valid_steps(run_dir: RunDir, k: int) -> float | None:
     if "steps_valid" not in ds.column_names or len(ds) == 0:
         return None
     flags = ds["steps_valid"]
+    if all(x is None for x in flags):
+        return None  # a verifier that does not check steps (the math tasks)
     return sum(bool(x) for x in flags) / len(flags)
 
 

@@ -180,10 +180,11 @@ def sample_problems(
         if path.exists():
             continue  # finished before a crash or stop: never regenerate
         seed = derive_seed(settings.seed, iteration, shard_no)
+        prompts = [task.format_prompt(p, tokenizer=tokenizer) for p in shard]
         samples = generate(
             model,
             tokenizer,
-            [task.format_prompt(p) for p in shard],
+            prompts,
             num_samples=int(settings.num_samples),
             temperature=float(settings.temperature),
             top_k=int(settings.top_k),
@@ -197,12 +198,12 @@ def sample_problems(
             {
                 "problem_id": p["problem_id"],
                 "sample_idx": j,
-                "prompt": task.format_prompt(p),
+                "prompt": prompt,
                 **s,
                 "policy": policy,
                 "seed": seed,
             }
-            for p, per_problem in zip(shard, samples, strict=True)
+            for p, prompt, per_problem in zip(shard, prompts, samples, strict=True)
             for j, s in enumerate(per_problem)
         ]
         tmp = path.with_suffix(".parquet.tmp")
@@ -248,7 +249,7 @@ def run(cfg: DictConfig) -> dict:
     if (out / STAGE_FILE).exists():
         return {"skipped": str(out)}
     policy = policy_path(run_dir, ensure_base_model(cfg), k)
-    task = build_task(cfg.task)
+    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
     return sample_problems(
         model=load_model(policy, dtype=cfg.model.dtype),
         tokenizer=load_tokenizer(policy),

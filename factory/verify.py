@@ -79,13 +79,16 @@ def run(cfg: DictConfig) -> dict:
         raise FileNotFoundError(
             f"no finished samples at {run_dir.stage(k, 'samples')}: run restem-sample first"
         )
-    task = build_task(cfg.task)
-    return verify_samples(
-        task=task,
-        problems=task.load_problems(split="train"),
-        samples_dir=run_dir.stage(k, "samples"),
-        out_dir=run_dir.stage(k, "verdicts"),
-    )
+    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
+    try:
+        return verify_samples(
+            task=task,
+            problems=task.load_problems(split="train"),
+            samples_dir=run_dir.stage(k, "samples"),
+            out_dir=run_dir.stage(k, "verdicts"),
+        )
+    finally:
+        task.close()  # the math verifier's worker processes
 
 
 main = hydra_entry(run)

@@ -16,9 +16,16 @@ from factory.rundir import RunDir
 def test_loop_end_to_end_and_rerun_skips(make_cfg, monkeypatch, capsys):
     # Easy problems and a bit more pretraining, so that even this tiny model gets some answers right and
     # every stage of both iterations runs on a non-empty snapshot.
-    cfg = make_cfg("loop.iterations=2", "task.strictness=answer", "task.max_operand=3", "task.max_steps=2",
-                   "task.human_max_steps=2", "task.max_value=9", "model.pretrain.max_steps=150",
-                   "model.pretrain.lr=3e-3")
+    cfg = make_cfg(
+        "loop.iterations=2",
+        "task.strictness=answer",
+        "task.max_operand=3",
+        "task.max_steps=2",
+        "task.human_max_steps=2",
+        "task.max_value=9",
+        "model.pretrain.max_steps=150",
+        "model.pretrain.lr=3e-3",
+    )
     rows = loop.run(cfg)
     assert [r["iteration"] for r in rows] == [0, 1, 2, "sft_human"]
     assert all(r["num_kept"] > 0 for r in rows[1:3])
@@ -38,7 +45,9 @@ def test_loop_end_to_end_and_rerun_skips(make_cfg, monkeypatch, capsys):
         }
         assert 0.0 <= row["greedy_accuracy"] <= 1.0
         assert set(row["pass_at_k"]) == {"1", "2", "4"}
-    assert (run_dir.root / "report.md").read_text().count("|") > 20
+    report = (run_dir.root / "report.md").read_text()
+    assert report.count("|") > 20
+    assert "## Verifier audit" in report and "### Examples, iteration 2" in report
     assert (run_dir.root / "plots" / "summary.png").read_bytes()[:4] == b"\x89PNG"
     assert "| iteration |" in capsys.readouterr().out
     for k in [r["iteration"] for r in summary if isinstance(r["iteration"], int) and r["iteration"] > 0]:
@@ -62,8 +71,13 @@ def test_loop_end_to_end_and_rerun_skips(make_cfg, monkeypatch, capsys):
 @pytest.mark.slow
 def test_empty_snapshot_stops_without_training(make_cfg, capsys):
     # 5 pretraining steps: the model writes no parseable answer, so iteration 1 keeps nothing.
-    cfg = make_cfg("loop.iterations=2", "model.pretrain.max_steps=5", "sampler.max_new_tokens=8",
-                   "eval.max_new_tokens=8", "loop.sft_baseline=false")
+    cfg = make_cfg(
+        "loop.iterations=2",
+        "model.pretrain.max_steps=5",
+        "sampler.max_new_tokens=8",
+        "eval.max_new_tokens=8",
+        "loop.sft_baseline=false",
+    )
     rows = loop.run(cfg)
     assert [r["iteration"] for r in rows] == [0]
     assert "kept 0 of 160 samples" in capsys.readouterr().out

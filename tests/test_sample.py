@@ -14,7 +14,7 @@ from factory.sample import generate, sample_problems
 
 
 class _Task:
-    def format_prompt(self, problem):
+    def format_prompt(self, problem, *, tokenizer=None):
         return f"Q: {problem['question']}\nA: "
 
 

@@ -14,8 +14,15 @@ from factory import base_model, sample, snapshot, verify
 from factory.rundir import RunDir, read_json
 from train import finetune
 
-EASY = ["task.strictness=answer", "task.max_operand=3", "task.max_steps=2", "task.human_max_steps=2",
-        "task.max_value=9", "model.pretrain.max_steps=150", "model.pretrain.lr=3e-3"]
+EASY = [
+    "task.strictness=answer",
+    "task.max_operand=3",
+    "task.max_steps=2",
+    "task.human_max_steps=2",
+    "task.max_value=9",
+    "model.pretrain.max_steps=150",
+    "model.pretrain.lr=3e-3",
+]
 
 
 @pytest.mark.slow
@@ -45,9 +52,16 @@ def test_stage_commands_in_sequence(make_cfg):
 
 def test_cli_reports_a_misspelt_key(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-c", "from factory.loop import main; main()", "sampler.temprature=0.7",
-         f"paths.run_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            "from factory.loop import main; main()",
+            "sampler.temprature=0.7",
+            f"paths.run_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode != 0
     assert "temprature" in proc.stderr
@@ -56,9 +70,16 @@ def test_cli_reports_a_misspelt_key(tmp_path):
 
 def test_cli_bad_value_is_one_clear_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-c", "from factory.loop import main; main()", "task.strictness=lenient",
-         f"paths.run_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-c",
+            "from factory.loop import main; main()",
+            "task.strictness=lenient",
+            f"paths.run_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: config error: task.strictness='lenient'; allowed: answer, steps"

@@ -104,10 +104,10 @@ def fine_tune(
     return info
 
 
-def human_pairs(task) -> list[dict]:
-    """The human-written seed solutions as prompt/completion pairs."""
+def human_pairs(task, tokenizer=None) -> list[dict]:
+    """The human-written seed solutions as prompt/completion pairs (``tokenizer``: for chat prompts)."""
     return [
-        {"prompt": task.format_prompt(p), "completion": p["solution"]}
+        {"prompt": task.format_prompt(p, tokenizer=tokenizer), "completion": p["solution"]}
         for p in task.load_problems(split="human")
     ]
 
@@ -151,11 +151,15 @@ def run(cfg: DictConfig) -> dict:
             f"no finished snapshot at {dataset_dir}: run restem-snapshot iteration={k} first"
         )
     pairs = snapshot_pairs(dataset_dir)
+    base = ensure_base_model(cfg)
     if cfg.loop.include_human_data:
-        pairs += human_pairs(build_task(cfg.task))
+        from factory.models import load_tokenizer
+
+        task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
+        pairs += human_pairs(task, tokenizer=load_tokenizer(base))
     return train_from_base(
         cfg,
-        base_path=ensure_base_model(cfg),
+        base_path=base,
         pairs=pairs,
         out_dir=run_dir.stage(k, "model"),
         desc=f"M-step iteration {k}",

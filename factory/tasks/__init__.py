@@ -4,10 +4,22 @@ from __future__ import annotations
 
 from functools import cache
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from factory.tasks import arith
+from factory.tasks.math_tasks import GSM8KTask, MATH500Task, MATHTask
 from factory.verifiers import arith as arith_verifier
+
+# Task keys that change arith's human seed data; the others (train/test sizes, reward) do not touch p0.
+_ARITH_HUMAN_DATA_KEYS = (
+    "name",
+    "seed",
+    "num_human",
+    "human_min_steps",
+    "human_max_steps",
+    "max_operand",
+    "max_value",
+)
 
 
 class ArithTask:
@@ -15,8 +27,8 @@ class ArithTask:
 
     name = "arith"
 
-    def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: DictConfig, *, data_dir: str | None = None):
+        self.cfg = cfg  # data_dir is unused: the problems are generated
 
     def load_problems(self, *, split: str, limit: int | None = None) -> list[dict]:
         """Problems of one split (``human`` carries step-by-step solutions); deterministic per seed."""
@@ -31,7 +43,8 @@ class ArithTask:
         )
         return problems[:limit] if limit is not None else problems
 
-    def format_prompt(self, problem: dict) -> str:
+    def format_prompt(self, problem: dict, *, tokenizer=None) -> str:
+        """The fixed ``Q: ... A: `` prompt (``tokenizer`` is accepted for the common interface, unused)."""
         return arith.format_prompt(problem)
 
     def verify(
@@ -42,6 +55,14 @@ class ArithTask:
             completions, [p["answer"] for p in problems], strictness=strictness or self.cfg.strictness
         )
 
+    def human_data_fingerprint(self) -> dict:
+        """The config items that determine the human split (key of the cached tiny base model)."""
+        cfg = OmegaConf.to_container(self.cfg, resolve=True)
+        return {k: cfg.get(k) for k in _ARITH_HUMAN_DATA_KEYS}
+
+    def close(self) -> None:
+        """Nothing to release: the arith verifier runs in-process."""
+
 
 @cache
 def _arith_split(**kwargs) -> list[dict]:
@@ -49,11 +70,17 @@ def _arith_split(**kwargs) -> list[dict]:
     return arith.generate_split(**kwargs)
 
 
-TASKS = {"arith": ArithTask}
+TASKS = {"arith": ArithTask, "gsm8k": GSM8KTask, "math": MATHTask, "math500": MATH500Task}
 
 
-def build_task(cfg: DictConfig):
-    """Builds the task named by ``cfg.name``; unknown names are a clear error."""
+def build_task(cfg: DictConfig, *, data_dir: str | None = None):
+    """Builds the task named by ``cfg.name``; unknown names are a clear error.
+
+    Args:
+        cfg: The task config (``cfg.task``).
+        data_dir: Folder of the benchmark files (``cfg.paths.data_dir``); None: ``$RESTEM_DATA_DIR``,
+            else ``../shared/datasets``. Unused by arith.
+    """
     if cfg.name not in TASKS:
         raise ValueError(f"unknown task {cfg.name!r}; available: {', '.join(sorted(TASKS))}")
-    return TASKS[cfg.name](cfg)
+    return TASKS[cfg.name](cfg, data_dir=data_dir)
