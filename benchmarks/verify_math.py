@@ -91,20 +91,8 @@ def benchmark(data_dir: Path, n: int, baseline_n: int, workers: int) -> None:
 def audit(data_dir: Path, workers: int) -> None:
     """Judge every gold solution against its own gold; list the MATH exceptions."""
     print(_machine())
-    gsm = _load(data_dir, "gsm8k/train.jsonl") + _load(data_dir, "gsm8k/test.jsonl")
-    math500 = _load(data_dir, "prm800k_math_splits/test.jsonl")
+    sets = _gold_sets(data_dir)
     math_rows = _load(data_dir, "math/train.jsonl") + _load(data_dir, "math/test.jsonl")
-    sets = {
-        "GSM8K train+test": (
-            [r["answer"] for r in gsm],
-            [extract_gold(r["answer"], style="gsm8k") for r in gsm],
-        ),
-        "MATH-500": ([r["solution"] for r in math500], [r["answer"] for r in math500]),
-        "MATH train+test": (
-            [r["solution"] for r in math_rows],
-            [extract_gold(r["solution"], style="boxed") for r in math_rows],
-        ),
-    }
     with make_pool(timeout=10.0, workers=workers) as pool:
         for name, (completions, golds) in sets.items():
             start = time.perf_counter()

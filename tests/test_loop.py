@@ -13,19 +13,8 @@ from factory.rundir import RunDir
 
 
 @pytest.mark.slow
-def test_loop_end_to_end_and_rerun_skips(make_cfg, monkeypatch, capsys):
-    # Easy problems and a bit more pretraining, so that even this tiny model gets some answers right and
-    # every stage of both iterations runs on a non-empty snapshot.
-    cfg = make_cfg(
-        "loop.iterations=2",
-        "task.strictness=answer",
-        "task.max_operand=3",
-        "task.max_steps=2",
-        "task.human_max_steps=2",
-        "task.max_value=9",
-        "model.pretrain.max_steps=150",
-        "model.pretrain.lr=3e-3",
-    )
+def test_loop_end_to_end_and_rerun_skips(make_cfg, easy_arith, monkeypatch, capsys):
+    cfg = make_cfg("loop.iterations=2", *easy_arith)
     rows = loop.run(cfg)
     assert [r["iteration"] for r in rows] == [0, 1, 2, "sft_human"]
     assert all(r["num_kept"] > 0 for r in rows[1:3])

@@ -14,20 +14,10 @@ from factory import base_model, sample, snapshot, verify
 from factory.rundir import RunDir, read_json
 from train import finetune
 
-EASY = [
-    "task.strictness=answer",
-    "task.max_operand=3",
-    "task.max_steps=2",
-    "task.human_max_steps=2",
-    "task.max_value=9",
-    "model.pretrain.max_steps=150",
-    "model.pretrain.lr=3e-3",
-]
-
 
 @pytest.mark.slow
-def test_stage_commands_in_sequence(make_cfg):
-    cfg = make_cfg("iteration=1", *EASY)
+def test_stage_commands_in_sequence(make_cfg, easy_arith):
+    cfg = make_cfg("iteration=1", *easy_arith)
     run_dir = RunDir(cfg.paths.run_dir)
     with pytest.raises(FileNotFoundError, match="run restem-sample first"):
         verify.run(cfg)
