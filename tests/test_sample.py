@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import polars as pl
 import torch
@@ -62,23 +63,8 @@ def test_sample_problems_writes_and_resumes_shards(tmp_path, tiny_model_and_toke
             raise KeyboardInterrupt("killed")
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(sample_module, "generate", flaky)
-    with contextlib.suppress(KeyboardInterrupt):
-        sample_problems(
-            model=model,
-            tokenizer=tok,
-            task=_Task(),
-            problems=problems,
-            out_dir=out,
-            settings=settings,
-            policy="p0",
-            iteration=1,
-        )
-    assert not out.exists(), "an unfinished E-step must not look finished"
-    partial = tmp_path / "iter_1" / ".samples.partial"
-    assert len(list(partial.glob("shard-*.parquet"))) == 2
-    monkeypatch.setattr(sample_module, "generate", real_generate)
-    result = sample_problems(
+    run_e_step = functools.partial(
+        sample_problems,
         model=model,
         tokenizer=tok,
         task=_Task(),
@@ -88,6 +74,14 @@ def test_sample_problems_writes_and_resumes_shards(tmp_path, tiny_model_and_toke
         policy="p0",
         iteration=1,
     )
+    monkeypatch.setattr(sample_module, "generate", flaky)
+    with contextlib.suppress(KeyboardInterrupt):
+        run_e_step()
+    assert not out.exists(), "an unfinished E-step must not look finished"
+    partial = tmp_path / "iter_1" / ".samples.partial"
+    assert len(list(partial.glob("shard-*.parquet"))) == 2
+    monkeypatch.setattr(sample_module, "generate", real_generate)
+    result = run_e_step()
     assert result["generated"] == 2 * 3  # only the last shard (2 problems x 3 samples) was generated
     df = pl.read_parquet(sorted(out.glob("shard-*.parquet")))
     assert df.height == 30

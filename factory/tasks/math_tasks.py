@@ -43,6 +43,7 @@ class _BenchmarkTask:
     """Shared behaviour; subclasses say where the pool and the test set come from."""
 
     name = ""
+    data_subdir = ""  # folder under paths.data_dir holding train.jsonl and test.jsonl
     kind = "math"  # how raw rows become problems: "gsm8k" or "math"
     instruction = "Solve the problem step by step and put your final answer within \\boxed{}."
 
@@ -64,7 +65,12 @@ class _BenchmarkTask:
         self._verifier = None
 
     def _pool_and_test(self) -> tuple[list[dict], list[dict]]:
-        raise NotImplementedError
+        """The training pool and the test set: ``<data_subdir>/{train,test}.jsonl`` or the Hub's splits."""
+        hub = (self.cfg.hub_name, self.cfg.hub_config)
+        return (
+            self._rows(f"{self.data_subdir}/train.jsonl", hub=hub, split="train"),
+            self._rows(f"{self.data_subdir}/test.jsonl", hub=hub, split="test"),
+        )
 
     def _rows(self, relative: str, *, hub: tuple, split: str) -> list[dict]:
         """Problems of one file (local) or one Hub split (hub)."""
@@ -163,30 +169,18 @@ class GSM8KTask(_BenchmarkTask):
     """GSM8K: grade-school word problems with a numeric answer (train 7,473 / test 1,319)."""
 
     name = "gsm8k"
+    data_subdir = "gsm8k"
     kind = "gsm8k"
     instruction = (
         'Solve the problem step by step and end with "The answer is N." where N is the final number.'
     )
-
-    def _pool_and_test(self) -> tuple[list[dict], list[dict]]:
-        hub = (self.cfg.hub_name, self.cfg.hub_config)
-        return (
-            self._rows("gsm8k/train.jsonl", hub=hub, split="train"),
-            self._rows("gsm8k/test.jsonl", hub=hub, split="test"),
-        )
 
 
 class MATHTask(_BenchmarkTask):
     """Hendrycks MATH: competition problems with a boxed answer (train 7,500 / test 5,000)."""
 
     name = "math"
-
-    def _pool_and_test(self) -> tuple[list[dict], list[dict]]:
-        hub = (self.cfg.hub_name, self.cfg.hub_config)
-        return (
-            self._rows("math/train.jsonl", hub=hub, split="train"),
-            self._rows("math/test.jsonl", hub=hub, split="test"),
-        )
+    data_subdir = "math"
 
 
 class MATH500Task(_BenchmarkTask):
