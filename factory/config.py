@@ -69,6 +69,29 @@ class MathTaskConfig:
 
 
 @dataclass
+class CodeTaskConfig:
+    """HumanEval, MBPP and APPS (factory/tasks/code_tasks.py), judged in the code sandbox."""
+
+    name: str = MISSING  # humaneval | mbpp | apps
+    variant: str = "full"  # MBPP (also humaneval's training pool): "full" (974) or "sanitized" (427)
+    train_file: str | None = None  # apps only: JSONL under paths.data_dir with solutions (the pool)
+    test_file: str | None = None  # apps only: JSONL under paths.data_dir (the test set)
+    seed: int = 0
+    shuffle: bool = False
+    num_human: int = 100
+    num_train: int | None = None
+    train_start: int | None = None
+    num_validation: int = 90
+    num_test: int | None = None
+    max_chars: int | None = None
+    prompt_style: str = "plain"  # plain (continue the prompt) | chat (tokenizer template, fenced code)
+    strictness: str = "answer"  # every unit test must pass
+    verifier_timeout: float = 5.0  # wall-clock seconds per sandbox job
+    verifier_workers: int = 2  # sandbox jobs at once
+    memory_mb: int = 1024  # address-space limit per job
+
+
+@dataclass
 class TinyModelConfig:
     hidden_size: int = 128
     num_layers: int = 4
@@ -174,6 +197,7 @@ def register_configs() -> None:
     cs.store(name="restem_schema", node=RestemConfig)
     cs.store(group="task", name="arith_schema", node=ArithTaskConfig)
     cs.store(group="task", name="math_task_schema", node=MathTaskConfig)
+    cs.store(group="task", name="code_task_schema", node=CodeTaskConfig)
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
@@ -206,7 +230,7 @@ def validate(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if value is not None and value not in allowed:
             raise ValueError(f"config error: {key}={value!r}; allowed: {', '.join(allowed)}")
-    if cfg.task.name in ("gsm8k", "math", "math500"):
+    if cfg.task.name in ("gsm8k", "math", "math500", "humaneval", "mbpp", "apps"):
         if cfg.task.strictness != "answer":
             raise ValueError(
                 f"config error: task.strictness={cfg.task.strictness!r}; allowed for {cfg.task.name}: answer"

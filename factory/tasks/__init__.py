@@ -7,6 +7,7 @@ from functools import cache
 from omegaconf import DictConfig, OmegaConf
 
 from factory.tasks import arith
+from factory.tasks.code_tasks import APPSTask, HumanEvalTask, MBPPTask
 from factory.tasks.math_tasks import GSM8KTask, MATH500Task, MATHTask
 from factory.verifiers import arith as arith_verifier
 
@@ -70,7 +71,15 @@ def _arith_split(**kwargs) -> list[dict]:
     return arith.generate_split(**kwargs)
 
 
-TASKS = {"arith": ArithTask, "gsm8k": GSM8KTask, "math": MATHTask, "math500": MATH500Task}
+TASKS = {
+    "arith": ArithTask,
+    "gsm8k": GSM8KTask,
+    "math": MATHTask,
+    "math500": MATH500Task,
+    "humaneval": HumanEvalTask,
+    "mbpp": MBPPTask,
+    "apps": APPSTask,
+}
 
 
 def build_task(cfg: DictConfig, *, data_dir: str | None = None):

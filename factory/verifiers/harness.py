@@ -16,6 +16,7 @@ Two modes:
   pristine builtins, the trusted ``prelude`` (e.g. HumanEval's ``check``), and the program's names that the
   tests use, wrapped so that every returned value is rebuilt from plain built-in types: an object whose
   ``__eq__`` always says True never reaches a comparison.
+  ``call`` names a function (or ``Solution`` method, APPS) exposed to the tests as ``candidate``.
 * ``stdio``: ``program`` runs as ``__main__`` with stdin from the job's input; ``SystemExit`` with code 0 or
   None counts as finishing. The caller compares stdout with the expected output.
 """
@@ -25,6 +26,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import re
 import sys
 import traceback
 import types
@@ -54,6 +56,8 @@ _ITERATORS = (
     type({}.values()),
     type({}.items()),
 )
+# C types whose equality, truth and hash are fixed (identity or plain data): returned as they are.
+_OPAQUE = (range, re.Match, re.Pattern)
 MAX_DEPTH = 50
 
 
@@ -73,7 +77,7 @@ def sanitize(value, depth: int = 0):
     if kind in _SCALARS:
         convert = _SCALARS[kind]
         return value if convert is None else convert(value)
-    if kind is range:
+    if kind in _OPAQUE:
         return value
     for base, convert in _SCALARS.items():
         if convert is not None and isinstance(value, base):
@@ -104,14 +108,19 @@ def _wrap(function):
     return guarded
 
 
-def _expose(program_ns: dict, names: set[str]) -> dict:
-    """The program's names that the tests use, wrapped (callables) or sanitized (data)."""
+def _expose(program_ns: dict, names: set[str], entry_point: str | None) -> dict:
+    """The program's names that the tests use, wrapped (callables) or sanitized (data).
+
+    Classes other than the entry point stay as they are, so tests can build inputs with them (MBPP's
+    ``Pair``, ``Node``); the entry point is always wrapped, so a class posing as the tested function
+    cannot return an object with a rigged ``__eq__``.
+    """
     exposed = {}
     for name in names:
         if name not in program_ns or name.startswith("__"):
             continue
         value = program_ns[name]
-        if isinstance(value, types.ModuleType):
+        if isinstance(value, types.ModuleType) or (isinstance(value, type) and name != entry_point):
             exposed[name] = value
         elif callable(value):
             exposed[name] = _wrap(value)
@@ -166,30 +175,51 @@ def _run_function(payload: dict, report: dict, pristine: dict) -> None:
     program_ns: dict = {"__name__": "__main__", "__builtins__": builtins}
     tests = list(payload["tests"])
     prelude = payload.get("prelude") or ""
-    wanted = set().union(*(_names(t) for t in tests), _names(prelude)) | set(payload.get("expose", ()))
-    compiled = compile(payload["program"], "<program>", "exec")
+    wanted = set().union(*(_names(t) for t in tests), _names(prelude))
+    try:
+        compiled = compile(payload["program"], "<program>", "exec")
+    except (SyntaxError, ValueError) as error:
+        report["syntax_error"] = _short_error(error)
+        report["tests"] = [{"passed": False, "error": "not run"} for _ in tests]
+        return
     try:
         exec(compiled, program_ns)
+        exposed = _expose(program_ns, wanted, payload.get("entry_point"))
+        if payload.get("call"):
+            exposed["candidate"] = _wrap(_resolve_call(program_ns, payload["call"]))
     except BaseException as error:  # noqa: BLE001 - SystemExit at import time is a failure too
         report["error"] = f"program failed to load: {_short_error(error)}"
         report["tests"] = [{"passed": False, "error": "not run"} for _ in tests]
         return
-    exposed = _expose(program_ns, wanted)
     for test in tests:
         test_ns = {"__name__": "__test__", "__builtins__": dict(pristine)}
         try:
-            if prelude:
-                exec(compile(prelude, "<prelude>", "exec"), test_ns)
             test_ns.update(exposed)
+            if prelude:  # after the program's names: the prelude's own definitions (check) win
+                exec(compile(prelude, "<prelude>", "exec"), test_ns)
             exec(compile(test, "<test>", "exec"), test_ns)
             report["tests"].append({"passed": True, "error": None})
         except BaseException as error:  # noqa: BLE001 - SystemExit in a test is a failed test
             report["tests"].append({"passed": False, "error": _short_error(error)})
 
 
+def _resolve_call(program_ns: dict, name: str):
+    """APPS call-based problems: a top-level function, or a method of LeetCode's ``class Solution``."""
+    solution = program_ns.get("Solution")
+    if isinstance(solution, type) and hasattr(solution, name):
+        return getattr(solution(), name)
+    if name in program_ns and callable(program_ns[name]):
+        return program_ns[name]
+    raise NameError(f"the program defines no function {name!r}")
+
+
 def _run_stdio(payload: dict, report: dict) -> None:
     program_ns: dict = {"__name__": "__main__", "__builtins__": builtins}
-    compiled = compile(payload["program"], "<program>", "exec")
+    try:
+        compiled = compile(payload["program"], "<program>", "exec")
+    except (SyntaxError, ValueError) as error:
+        report["syntax_error"] = _short_error(error)
+        return
     try:
         exec(compiled, program_ns)
         report["tests"].append({"passed": True, "error": None})
