@@ -76,7 +76,7 @@ def majority_vote(answers: list[str | None]) -> str | None:
 
 def problem_metrics(
     *,
-    gold: str,
+    gold: str | None,
     greedy_correct: bool,
     sample_answers: list[str | None],
     sample_correct: list[bool],
@@ -85,7 +85,8 @@ def problem_metrics(
     """Per-problem metrics from a greedy decode and a set of samples.
 
     Args:
-        gold: The reference final answer, compared to majority answers.
+        gold: The reference final answer, compared to majority answers; None for tasks without one
+            (code), which makes every maj@k None.
         greedy_correct: Whether the greedy decode was judged correct.
         sample_answers: Extracted answer per sample (None if unparseable).
         sample_correct: Verifier verdict per sample, aligned with answers.
@@ -111,7 +112,8 @@ def problem_metrics(
     for k in ks:
         k = int(k)
         pass_k[k] = pass_at_k(n, c, k)
-        if k > n:
+        if k > n or gold is None:
+            # gold None: the task has no final answer to vote on (code), so maj@k is undefined.
             maj_k[k] = None
         else:
             # Majority over a prefix mirrors drawing only k samples, so maj@k

@@ -24,6 +24,7 @@ VERDICT_SCHEMA = {
     "detail": pl.String,
     "answer": pl.String,
     "steps_valid": pl.Boolean,
+    "test_results": pl.String,  # code tasks: one character per unit test (P / F / -)
 }
 
 

@@ -157,3 +157,19 @@ def test_aggregate_none_propagates():
 def test_aggregate_empty_raises():
     with pytest.raises(ValueError, match="no problems to aggregate"):
         aggregate([], [1])
+
+
+def test_problem_metrics_without_gold_code_task():
+    # Code tasks have no final answer: maj@k is undefined (None) while pass@k is still estimated,
+    # including zero correct and k > n.
+    out = problem_metrics(
+        gold=None, greedy_correct=False, sample_answers=[None] * 3, sample_correct=[False, True, False], ks=[1, 2, 4]
+    )
+    assert out["maj_at_k"] == {1: None, 2: None, 4: None}
+    assert out["pass_at_k"][1] == pytest.approx(1 / 3)
+    assert out["pass_at_k"][2] == pytest.approx(2 / 3)
+    assert out["pass_at_k"][4] is None
+    none_right = problem_metrics(
+        gold=None, greedy_correct=False, sample_answers=[None] * 2, sample_correct=[False, False], ks=[1, 2]
+    )
+    assert none_right["pass_at_k"] == {1: 0.0, 2: 0.0}

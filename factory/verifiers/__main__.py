@@ -1,7 +1,9 @@
 """Command line verifier: ``python -m factory.verifiers TASK IN.jsonl OUT.jsonl``.
 
 Each input row holds the task's problem fields plus ``completion``; each output row (same order)
-is ``{"reward", "status", "detail", "answer"}``. Input errors print one line on stderr and exit 2,
+is ``{"reward", "status", "detail", "answer"}`` (code tasks add ``test_results``). Code rows: HumanEval
+``task_id, prompt, test, entry_point``; MBPP ``task_id, test_list`` (+ ``test_setup_code``); APPS
+``problem_id, input_output`` (JSON with inputs, outputs and, call-based, fn_name). Input errors print one line on stderr and exit 2,
 so a calling script can tell "bad input" apart from a crash (exit 1).
 """
 
@@ -12,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-TASKS = ("arith", "math", "gsm8k", "math500")
+TASKS = ("arith", "math", "gsm8k", "math500", "humaneval", "mbpp", "apps")
+CODE_TASKS = ("humaneval", "mbpp", "apps")
 _OUTPUT_KEYS = ("reward", "status", "detail", "answer")
 
 
@@ -61,6 +64,28 @@ def _gold(task: str, row: dict) -> str | None:
     return str(_field(row, "answer"))  # math500 (and arith, handled by the caller)
 
 
+def _code_problem(task: str, row: dict) -> dict:
+    """A code row as the verifier's problem dict (the same conversion as the tasks use)."""
+    from factory.tasks import code_tasks
+
+    try:
+        if task == "humaneval":
+            for name in ("task_id", "prompt", "test", "entry_point"):
+                _field(row, name)
+            return code_tasks.humaneval_problem({**row, "canonical_solution": row.get("canonical_solution")})
+        if task == "mbpp":
+            _field(row, "test_list")
+            fields = {"task_id": row.get("task_id", 0), "code": row.get("code", ""), "text": row.get("text", "")}
+            return code_tasks.mbpp_problem({**row, **fields})
+        _field(row, "input_output")
+        problem = code_tasks.apps_problem({"problem_id": row.get("problem_id", row["_line"]), "question": "", **row})
+    except (SyntaxError, ValueError, TypeError, KeyError) as error:
+        raise UsageError(f"line {row['_line']}: bad {task} row: {error}") from None
+    if problem is None:
+        raise UsageError(f"line {row['_line']}: input_output has no usable inputs/outputs")
+    return problem
+
+
 def run(task: str, rows: list[dict], *, strictness: str | None, timeout: float, workers: int) -> list[dict]:
     """Judge parsed rows for ``task``; returns the output rows.
 
@@ -68,6 +93,14 @@ def run(task: str, rows: list[dict], *, strictness: str | None, timeout: float, 
         UsageError: On a missing field or an argument that does not fit the task.
     """
     completions = [_field(row, "completion") for row in rows]
+    if task in CODE_TASKS:
+        if strictness is not None:
+            raise UsageError("--strictness applies only to the arith task")
+        from factory.verifiers.code import verify_batch
+
+        problems = [_code_problem(task, row) for row in rows]
+        verdicts = verify_batch(problems, completions, timeout=timeout, workers=workers)
+        return [{key: v.get(key) for key in (*_OUTPUT_KEYS, "test_results")} for v in verdicts]
     if task == "arith":
         from factory.verifiers import arith
 
@@ -93,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("input", type=Path, help="JSONL with the problem fields plus 'completion'")
     parser.add_argument("output", type=Path, help="JSONL verdicts, one per input row")
     parser.add_argument("--strictness", default=None, help="arith only: 'answer' (default) or 'steps'")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per sample (math tasks)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (math tasks)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per sample (per sandbox job for code)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (sandbox jobs at once for code)")
     args = parser.parse_args(argv)
     try:
         if args.task not in TASKS:

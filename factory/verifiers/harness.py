@@ -147,7 +147,7 @@ def _short_error(error: BaseException) -> str:
 
 def run(payload: dict, *, proof_fd: int, nonce: bytes) -> None:
     """Run one job and write the proof; never returns (``os._exit`` skips the program's exit hooks)."""
-    write, exit_now, dumps = os.write, os._exit, json.dumps
+    write, exit_now, dumps, restore = os.write, os._exit, json.dumps, _restore_builtins
     pristine = dict(builtins.__dict__)
     flush_out = sys.stdout.flush
     mode = payload["mode"]
@@ -161,6 +161,7 @@ def run(payload: dict, *, proof_fd: int, nonce: bytes) -> None:
             report["error"] = f"unknown mode {mode!r}"
     except BaseException as error:  # noqa: BLE001 - the program may raise anything, even SystemExit
         report["error"] = _short_error(error)
+    restore(pristine)
     try:
         flush_out()
     except BaseException:  # noqa: BLE001 - a closed or patched stdout must not stop the proof
@@ -184,6 +185,7 @@ def _run_function(payload: dict, report: dict, pristine: dict) -> None:
         return
     try:
         exec(compiled, program_ns)
+        _restore_builtins(pristine)
         exposed = _expose(program_ns, wanted, payload.get("entry_point"))
         if payload.get("call"):
             exposed["candidate"] = _wrap(_resolve_call(program_ns, payload["call"]))
@@ -201,6 +203,14 @@ def _run_function(payload: dict, report: dict, pristine: dict) -> None:
             report["tests"].append({"passed": True, "error": None})
         except BaseException as error:  # noqa: BLE001 - SystemExit in a test is a failed test
             report["tests"].append({"passed": False, "error": _short_error(error)})
+
+
+def _restore_builtins(pristine: dict) -> None:
+    """Undo a program's changes to ``builtins`` (``builtins.isinstance = ...``) before tests and report."""
+    namespace = builtins.__dict__
+    for name in [n for n in namespace if n not in pristine]:
+        del namespace[name]
+    namespace.update(pristine)
 
 
 def _resolve_call(program_ns: dict, name: str):

@@ -135,6 +135,13 @@ class Sandbox:
         self.support = hello[1]
         _warn_once(self.support)
 
+    def isolation(self) -> dict:
+        """What the kernel granted (``user``, ``network``, ``pid``, ``readonly_mounts``, ``proc``); starts
+        the server if needed."""
+        if self._proc is None:
+            self._start()
+        return self.support
+
     def close(self) -> None:
         """Stop the server (running jobs are killed)."""
         if self._proc is None:
@@ -206,7 +213,7 @@ def _recv(stream):
 
 
 def _warn_once(support: dict) -> None:
-    missing = [name for name in ("user", "network", "pid", "readonly_mounts") if not support.get(name)]
+    missing = [n for n in ("user", "network", "pid", "readonly_mounts", "proc") if not support.get(n)]
     key = ",".join(missing)
     if missing and key not in _warned:
         _warned.add(key)
@@ -289,6 +296,8 @@ def _child(job: dict, fds: dict, nonce: bytes, support: dict) -> None:
             _, status = os.waitpid(pid, 0)
             code = os.waitstatus_to_exitcode(status)
             os._exit(code if code >= 0 else 128 - code)
+        if support.get("proc"):
+            _mount_proc(support)
         limits = job["limits"]
         _set_limits(limits)
         os.chdir(fds["workdir"])
@@ -506,12 +515,17 @@ def probe_isolation() -> dict:
             if pid == 0:
                 try:
                     _enter_namespaces(workdir, attempt)
-                    os._exit(0)
+                    inner = os.fork()
+                    if inner == 0:
+                        os._exit(0 if _mount_proc(attempt) else 1)
+                    _, inner_status = os.waitpid(inner, 0)
+                    os._exit(0 if os.waitstatus_to_exitcode(inner_status) == 0 else 2)
                 except BaseException:  # noqa: BLE001
                     os._exit(1)
             _, status = os.waitpid(pid, 0)
-            if os.waitstatus_to_exitcode(status) == 0:
-                return attempt
+            code = os.waitstatus_to_exitcode(status)
+            if code in (0, 2):
+                return {**attempt, "proc": code == 0}
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {
@@ -519,8 +533,17 @@ def probe_isolation() -> dict:
         "network": False,
         "pid": False,
         "readonly_mounts": False,
+        "proc": False,
         "reason": "unshare() not permitted",
     }
+
+
+def _mount_proc(support: dict) -> bool:
+    """As PID 1 of a new PID namespace: a /proc of its own, so no other process (or its environment,
+    ``/proc/PID/environ``) is visible. False when not granted."""
+    if not (support["pid"] and support["readonly_mounts"]):
+        return False
+    return _libc().mount(b"proc", b"/proc", b"proc", 2 | 4 | 8, None) == 0  # nosuid nodev noexec
 
 
 def serve(workers: int) -> None:
