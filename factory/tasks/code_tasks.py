@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import json
 import random
+import warnings
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -46,10 +47,18 @@ def _split_of(task_id: int) -> str:
     return "train"
 
 
+def _parse(code: str) -> ast.Module:
+    # MBPP code has strings such as "\d" outside raw strings: not our warning to show.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return ast.parse(code)
+
+
 def _called_names(tests: list[str]) -> list[str]:
     names: list[str] = []
     for test in tests:
-        for node in ast.walk(ast.parse(test)):
+        for node in ast.walk(_parse(test)):
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id not in names:
                 names.append(node.func.id)
     return names
@@ -83,7 +92,7 @@ def mbpp_as_function_prompt(problem: dict) -> dict | None:
     is not a top-level ``def``.
     """
     try:
-        tree = ast.parse(problem["solution"])
+        tree = _parse(problem["solution"])
     except SyntaxError:
         return None
     names = {problem["entry_point"]}
