@@ -215,9 +215,9 @@ E2E = [
     "task.train_start=0",
     "task.num_validation=4",
     "task.num_test=4",
-    "task.max_chars=260",
+    "task.max_chars=240",
     "model.tiny.max_position_embeddings=2048",
-    "model.pretrain.max_steps=300",
+    "model.pretrain.max_steps=200",
     "model.pretrain.lr=3e-3",
     "sampler.max_new_tokens=160",
     "eval.max_new_tokens=48",
@@ -242,8 +242,9 @@ def test_loop_end_to_end_on_a_code_task(name, make_cfg, monkeypatch):
     rows = loop.run(cfg)
     assert [r["iteration"] for r in rows] == [0, 1, "sft_human"]
     assert rows[1]["num_kept"] > 0 and rows[1]["num_problems_solved"] > 0
-    assert rows[0]["maj_at_k"][1] is None  # code has no final answer to vote on
-    assert rows[0]["pass_at_k"][4] is None  # k > n samples
+    maj, passes = rows[0]["maj_at_k"], rows[0]["pass_at_k"]
+    assert all(v is None for v in maj.values())  # code has no final answer to vote on
+    assert passes.get(4, passes.get("4")) is None  # k > n samples
     summary = json.loads((Path(cfg.paths.run_dir) / "summary.json").read_text())
     assert [r["iteration"] for r in summary] == [0, 1, "sft_human"]
     assert built and all(t._sandbox is None for t in built)  # the loop closed the sandbox
