@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import logging
 import math
 import os
@@ -46,7 +47,10 @@ from dataclasses import asdict, dataclass, field
 log = logging.getLogger(__name__)
 
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
-_MS_RDONLY, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 32, 4096, 16384, 1 << 18
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+# mount_setattr(2) (x86_64 and aarch64 share the number), AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY.
+_SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 0x1
+_TMPFS_MB = 64  # the job's working directory (with mount namespaces); files are capped by RLIMIT_FSIZE too
 # statvfs flag bits that a read-only bind remount must repeat (the kernel refuses to drop them).
 _KEEP_FLAGS = {2: 2, 4: 4, 8: 8, 1024: 1024, 2048: 2048, 4096: 1 << 21}  # nosuid nodev noexec noatime ...
 _HEADER = struct.Struct("!I")
@@ -243,30 +247,47 @@ def _enter_namespaces(workdir: str, support: dict) -> None:
     """In a fresh child: new namespaces as granted by the probe; mounts read-only except ``workdir``."""
     libc = _libc()
     uid, gid = os.getuid(), os.getgid()
-    flags = _CLONE_NEWNET * support["network"] | _CLONE_NEWPID * support["pid"]
+    own_network = support["network"] and not support.get("shared_network")
+    flags = _CLONE_NEWNET * own_network | _CLONE_NEWPID * support["pid"]
     flags |= _CLONE_NEWNS * support["readonly_mounts"] | _CLONE_NEWUSER * support["user"]
     if not flags:
         return
     _check(libc.unshare(flags), "unshare")
     if support["user"]:
-        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
-            with open(f"/proc/self/{name}", "w") as handle:
-                handle.write(text)
+        _write_id_maps(uid, gid)
     if support["readonly_mounts"]:
-        _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount private")
-        target = workdir.encode()
-        _check(libc.mount(target, target, None, _MS_BIND, None), "bind workdir")
-        with open("/proc/self/mountinfo") as handle:
-            points = [line.split()[4] for line in handle]
-        for point in reversed(points):
-            point = point.replace("\\040", " ")
-            if point == workdir:
-                continue
-            try:
-                kept = sum(ms for bit, ms in _KEEP_FLAGS.items() if os.statvfs(point).f_flag & bit)
-            except OSError:
-                continue
-            libc.mount(None, point.encode(), None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | kept, None)
+        if not _readonly_tree(libc):
+            _readonly_each_mount(libc)
+        # The job's only writable place: a small tmpfs of its own over the (empty) work directory. It
+        # vanishes with the job's mount namespace, so nothing is left on the host and nothing is removed.
+        options = f"size={_TMPFS_MB}m,mode=0700".encode()
+        _check(libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options), "tmpfs")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_uint64) for name in ("attr_set", "attr_clr", "propagation", "userns_fd")]
+
+
+def _readonly_tree(libc) -> bool:
+    """Every mount read-only and private in one ``mount_setattr`` call (Linux 5.12+); False if refused."""
+    attr = _MountAttr(attr_set=_MOUNT_ATTR_RDONLY, propagation=_MS_PRIVATE)
+    result = libc.syscall(
+        _SYS_MOUNT_SETATTR, _AT_FDCWD, b"/", _AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)
+    )
+    return result == 0
+
+
+def _readonly_each_mount(libc) -> None:
+    """Older kernels: private propagation, then a read-only bind remount of each mount point."""
+    _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount private")
+    with open("/proc/self/mountinfo") as handle:
+        points = [line.split()[4].replace("\\040", " ") for line in handle]
+    for point in reversed(points):
+        try:
+            kept = sum(ms for bit, ms in _KEEP_FLAGS.items() if os.statvfs(point).f_flag & bit)
+        except OSError:
+            continue
+        libc.mount(None, point.encode(), None, _MS_REMOUNT | _MS_BIND | _MS_RDONLY | kept, None)
 
 
 def _set_limits(limits: dict) -> None:
@@ -339,14 +360,17 @@ class _Running:
 
 
 class _Server:
-    def __init__(self, workers: int, proto_in: int, proto_out: int) -> None:
+    def __init__(self, workers: int, proto_in: int, proto_out: int, *, shared_network: bool) -> None:
         self.workers, self.proto_in, self.proto_out = workers, proto_in, proto_out
         self.selector = selectors.DefaultSelector()
         self.queue: list = []
         self.running: dict[int, _Running] = {}  # by pid
         self.buffer = bytearray()
         self.closing = False
-        self.support = probe_isolation()
+        self.support = probe_isolation(shared_network=shared_network)
+        self.base = tempfile.mkdtemp(prefix="restem-sandbox-")
+        self.workdir = os.path.join(self.base, "work")
+        os.mkdir(self.workdir)
 
     def send(self, message) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
@@ -397,18 +421,21 @@ class _Server:
             self.queue.append((index, payload, limits))
 
     def launch(self, index: int, payload: dict, limits: dict) -> None:
-        workdir = tempfile.mkdtemp(prefix="restem-sandbox-")
-        stdin = tempfile.TemporaryFile(dir=workdir)
-        stdin.write(str(payload.get("stdin") or "").encode("utf-8"))
-        stdin.flush()
-        stdin.seek(0)
+        # With mount namespaces every job gets a fresh tmpfs at the same path; else a directory per job.
+        shared = self.support["readonly_mounts"]
+        workdir = self.workdir if shared else tempfile.mkdtemp(dir=self.base)
+        stdin = os.memfd_create("stdin", os.MFD_CLOEXEC)  # the job's input, never on a file system
+        data = memoryview(str(payload.get("stdin") or "").encode("utf-8"))
+        while data:
+            data = data[os.write(stdin, data) :]
+        os.lseek(stdin, 0, os.SEEK_SET)
         pipes = {name: os.pipe() for name in ("stdout", "stderr", "proof")}
         nonce = secrets.token_hex(16).encode()
-        fds = {"workdir": workdir, "stdin": stdin.fileno(), **{n: w for n, (_, w) in pipes.items()}}
+        fds = {"workdir": workdir, "stdin": stdin, **{n: w for n, (_, w) in pipes.items()}}
         pid = os.fork()
         if pid == 0:
             _child({"payload": payload, "limits": limits}, fds, nonce, self.support)
-        stdin.close()
+        os.close(stdin)
         run = _Running(
             index, pid, os.pidfd_open(pid), nonce, workdir, limits, time.monotonic(), streams={}
         )
@@ -466,7 +493,8 @@ class _Server:
         self.selector.unregister(run.pidfd)
         os.close(run.pidfd)
         del self.running[run.pid]
-        shutil.rmtree(run.workdir, onerror=_force_remove)
+        if run.workdir != self.workdir:
+            shutil.rmtree(run.workdir, onerror=_force_remove)
         seconds = time.monotonic() - run.start
         outcome = {
             "status": run.status or "no_proof",
@@ -504,9 +532,39 @@ def _force_remove(function, path, _excinfo) -> None:
         function(path)
 
 
-def probe_isolation() -> dict:
+def _write_id_maps(uid: int, gid: int) -> None:
+    """Map our own uid/gid into the user namespace just entered (ids read before entering it)."""
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as handle:
+            handle.write(text)
+
+
+def enter_shared_network() -> bool:
+    """Move the server into a network namespace of its own (only a down loopback), inherited by every job.
+
+    A fresh network namespace per job costs more than the rest of the isolation together (the kernel
+    tears each one down in the background), so jobs share the server's: it has no interfaces, and jobs,
+    in nested user namespaces, lack the capability to configure it. Concurrent jobs could still reach
+    each other through abstract Unix sockets, which gains a sample nothing against its own tests.
+    """
+    libc = _libc()
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0:
+        _write_id_maps(uid, gid)
+        return True
+    return libc.unshare(_CLONE_NEWNET) == 0  # root where user namespaces are off
+
+
+def probe_isolation(*, shared_network: bool = False) -> dict:
     """Which namespaces this kernel grants an unprivileged fork of this process (tried in a child)."""
-    support = {"user": True, "network": True, "pid": True, "readonly_mounts": True, "reason": ""}
+    support = {
+        "user": True,
+        "network": True,
+        "pid": True,
+        "readonly_mounts": True,
+        "shared_network": shared_network,
+        "reason": "",
+    }
     attempts = [support, {**support, "user": False}]  # root in a container may not get user namespaces
     workdir = tempfile.mkdtemp(prefix="restem-probe-")
     try:
@@ -530,7 +588,8 @@ def probe_isolation() -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
     return {
         "user": False,
-        "network": False,
+        "network": shared_network,
+        "shared_network": shared_network,
         "pid": False,
         "readonly_mounts": False,
         "proc": False,
@@ -555,8 +614,17 @@ def serve(workers: int) -> None:
     from factory.verifiers import harness
 
     harness.preload()
+    # Keep the server's objects out of the children's garbage collections: a collection walks every
+    # object, which would copy the whole inherited heap page by page in each forked child.
+    gc.collect()
+    gc.freeze()
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    _Server(workers, proto_in, proto_out).loop()
+    shared_network = enter_shared_network()
+    server = _Server(workers, proto_in, proto_out, shared_network=shared_network)
+    try:
+        server.loop()
+    finally:
+        shutil.rmtree(server.base, onerror=_force_remove)
 
 
 if __name__ == "__main__":
