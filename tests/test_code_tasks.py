@@ -22,7 +22,9 @@ APPS_FILE = "apps/apps_10_test_sample.jsonl"
 
 def _needs(relative: str) -> None:
     if not (DATA_DIR / relative).is_file():
-        pytest.skip(f"dataset file {relative} not under {DATA_DIR} (set RESTEM_DATA_DIR to the shared datasets)")
+        pytest.skip(
+            f"dataset file {relative} not under {DATA_DIR} (set RESTEM_DATA_DIR to the shared datasets)"
+        )
 
 
 def _task(name: str, *overrides: str):
@@ -40,7 +42,9 @@ def test_humaneval_canonical_solutions_pass_and_return_none_fails():
     problems = _humaneval()
     assert len(problems) == 164
     canonical = verify_batch(problems, [p["solution"] for p in problems], timeout=20)
-    failed = [(p["problem_id"], v["detail"]) for p, v in zip(problems, canonical, strict=True) if v["reward"] != 1]
+    failed = [
+        (p["problem_id"], v["detail"]) for p, v in zip(problems, canonical, strict=True) if v["reward"] != 1
+    ]
     assert failed == []
     stubbed = verify_batch(problems, ["    return None\n"] * len(problems), timeout=5)
     assert [p["problem_id"] for p, v in zip(problems, stubbed, strict=True) if v["reward"] != 0] == []
@@ -58,7 +62,9 @@ def test_mbpp_reference_code_passes(variant):
         verdicts = task.verify(problems, [p["solution"] for p in problems])
     finally:
         task.close()
-    failed = {p["problem_id"]: v["detail"] for p, v in zip(problems, verdicts, strict=True) if v["reward"] != 1}
+    failed = {
+        p["problem_id"]: v["detail"] for p, v in zip(problems, verdicts, strict=True) if v["reward"] != 1
+    }
     assert len(problems) == {"full": 974, "sanitized": 427}[variant]
     assert 1 - len(failed) / len(problems) >= 0.97, failed
     assert failed == {}  # docs/code_verifier.md: every reference passes; update the docs if this changes
@@ -99,7 +105,9 @@ def test_mbpp_as_function_prompt_splits_reference_code():
     }
     converted = mbpp_as_function_prompt({**problem, "solution": problem["solution"].replace("\r\n", "\n")})
     assert converted["code_prefix"].startswith("import math\n\ndef helper(x):")
-    assert converted["code_prefix"].endswith("    \"\"\"Say \"hi\" \\\\ twice.\n    assert twice('a') == 'aa'\n    \"\"\"\n")
+    assert converted["code_prefix"].endswith(
+        '    """Say "hi" \\\\ twice.\n    assert twice(\'a\') == \'aa\'\n    """\n'
+    )
     assert converted["solution"] == "    return helper(s) * 2\n\nCONST = 1\n"
     verdict = verify_batch([converted], [converted["solution"]], timeout=5)[0]
     assert verdict["status"] == "correct"
@@ -110,10 +118,12 @@ def test_extract_code_and_programs():
     assert extract_code("Here:\n```python\ndef f():\n    return 1\n```\ntext") == "def f():\n    return 1\n"
     assert extract_code("```\nx = 1\n") == "x = 1\n"  # an unclosed fence: a truncated completion
     assert extract_code("def f(): pass") == "def f(): pass"
-    problem = {"code_prefix": "import math\ndef f(x):\n    \"\"\"doc\"\"\"\n", "entry_point": "f"}
+    problem = {"code_prefix": 'import math\ndef f(x):\n    """doc"""\n', "entry_point": "f"}
     assert build_program(problem, "    return x\n") == problem["code_prefix"] + "    return x\n"
     restated = "```python\ndef f(x):\n    return math.sqrt(x)\n```"
-    assert build_program(problem, restated) == problem["code_prefix"] + "\ndef f(x):\n    return math.sqrt(x)\n"
+    assert (
+        build_program(problem, restated) == problem["code_prefix"] + "\ndef f(x):\n    return math.sqrt(x)\n"
+    )
     he = _humaneval()[0]
     full = he["code_prefix"] + he["solution"]
     assert verify_batch([he], [f"Sure:\n```python\n{full}```"], timeout=5)[0]["status"] == "correct"
@@ -121,7 +131,13 @@ def test_extract_code_and_programs():
 
 def test_verdict_statuses():
     problem = {"problem_id": "p", "tests": ["assert f() == 1", "assert f() + 1 == 2"], "entry_point": "f"}
-    completions = ["", "def f(:\n", "def f():\n    return 2\n", "raise ValueError('boom')\n", "def f():\n    return 1\n"]
+    completions = [
+        "",
+        "def f(:\n",
+        "def f():\n    return 2\n",
+        "raise ValueError('boom')\n",
+        "def f():\n    return 1\n",
+    ]
     verdicts = verify_batch([problem] * len(completions), completions, timeout=5)
     assert [v["status"] for v in verdicts] == ["unparseable", "unparseable", "wrong", "error", "correct"]
     assert [v["test_results"] for v in verdicts][2:] == ["FF", "--", "PP"]
@@ -155,7 +171,8 @@ def test_apps_stdio_and_call_based():
         }
     )
     solution = "class Solution:\n    def add(self, a, b):\n        return a + b\n"
-    assert verify_batch([call, call], [solution, "def add(a, b):\n    return 0\n"], timeout=5)[0]["status"] == "correct"
+    verdicts = verify_batch([call, call], [solution, "def add(a, b):\n    return 0\n"], timeout=5)
+    assert [v["status"] for v in verdicts] == ["correct", "wrong"]
 
 
 def test_apps_sample_file_loads_as_stdio_tests():

@@ -163,7 +163,11 @@ def test_problem_metrics_without_gold_code_task():
     # Code tasks have no final answer: maj@k is undefined (None) while pass@k is still estimated,
     # including zero correct and k > n.
     out = problem_metrics(
-        gold=None, greedy_correct=False, sample_answers=[None] * 3, sample_correct=[False, True, False], ks=[1, 2, 4]
+        gold=None,
+        greedy_correct=False,
+        sample_answers=[None] * 3,
+        sample_correct=[False, True, False],
+        ks=[1, 2, 4],
     )
     assert out["maj_at_k"] == {1: None, 2: None, 4: None}
     assert out["pass_at_k"][1] == pytest.approx(1 / 3)

@@ -32,7 +32,16 @@ from factory.tasks.loading import read_jsonl, resolve_data_dir, select_split
 from factory.verifiers.code import make_sandbox, verify_batch
 
 PROMPT_STYLES = ("plain", "chat")
-_FINGERPRINT_KEYS = ("name", "variant", "train_file", "seed", "shuffle", "num_human", "max_chars", "prompt_style")
+_FINGERPRINT_KEYS = (
+    "name",
+    "variant",
+    "train_file",
+    "seed",
+    "shuffle",
+    "num_human",
+    "max_chars",
+    "prompt_style",
+)
 _CHAT_INSTRUCTION = "Write the complete Python code in one ```python code block."
 
 
@@ -257,7 +266,9 @@ def _mbpp_rows(data_dir: Path, variant: str) -> list[dict]:
     if variant == "sanitized":
         path = data_dir / "mbpp" / "sanitized-mbpp.json"
         if not path.is_file():
-            raise FileNotFoundError(f"data file {path} not found: set paths.data_dir to the folder holding mbpp/")
+            raise FileNotFoundError(
+                f"data file {path} not found: set paths.data_dir to the folder holding mbpp/"
+            )
         return json.loads(path.read_text(encoding="utf-8"))
     raise ValueError(f"task.variant must be 'full' or 'sanitized', got {variant!r}")
 
@@ -321,6 +332,7 @@ class APPSTask(_CodeTask):
 
     def _chat_body(self, problem: dict) -> str:
         how = "Read from standard input and print the answer." if problem.get("io_tests") else ""
-        starter = f"\n\nStart from:\n```python\n{problem['starter_code']}\n```" if problem["starter_code"] else ""
+        starter = (
+            f"\n\nStart from:\n```python\n{problem['starter_code']}\n```" if problem["starter_code"] else ""
+        )
         return f"{problem['question']}\n{how}{starter}"
-

@@ -75,10 +75,16 @@ def _code_problem(task: str, row: dict) -> dict:
             return code_tasks.humaneval_problem({**row, "canonical_solution": row.get("canonical_solution")})
         if task == "mbpp":
             _field(row, "test_list")
-            fields = {"task_id": row.get("task_id", 0), "code": row.get("code", ""), "text": row.get("text", "")}
+            fields = {
+                "task_id": row.get("task_id", 0),
+                "code": row.get("code", ""),
+                "text": row.get("text", ""),
+            }
             return code_tasks.mbpp_problem({**row, **fields})
         _field(row, "input_output")
-        problem = code_tasks.apps_problem({"problem_id": row.get("problem_id", row["_line"]), "question": "", **row})
+        problem = code_tasks.apps_problem(
+            {"problem_id": row.get("problem_id", row["_line"]), "question": "", **row}
+        )
     except (SyntaxError, ValueError, TypeError, KeyError) as error:
         raise UsageError(f"line {row['_line']}: bad {task} row: {error}") from None
     if problem is None:
@@ -126,8 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("input", type=Path, help="JSONL with the problem fields plus 'completion'")
     parser.add_argument("output", type=Path, help="JSONL verdicts, one per input row")
     parser.add_argument("--strictness", default=None, help="arith only: 'answer' (default) or 'steps'")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds per sample (per sandbox job for code)")
-    parser.add_argument("--workers", type=int, default=2, help="worker processes (sandbox jobs at once for code)")
+    parser.add_argument(
+        "--timeout", type=float, default=5.0, help="seconds per sample (per sandbox job for code)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="worker processes (sandbox jobs at once for code)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.task not in TASKS:

@@ -78,7 +78,9 @@ def judge(problem: dict, results: list[JobResult]) -> dict:
     marks, first_problem = [], None
     for position, result in enumerate(results):
         if result.status == "timeout":
-            return _verdict(0.0, "timeout", f"test job {position} passed the wall-clock limit", "".join(marks))
+            return _verdict(
+                0.0, "timeout", f"test job {position} passed the wall-clock limit", "".join(marks)
+            )
         if result.status != "finished":
             tail = result.stderr.strip().splitlines()[-1:] or [result.detail]
             return _verdict(
@@ -92,7 +94,9 @@ def judge(problem: dict, results: list[JobResult]) -> dict:
         if report.get("syntax_error"):
             return _verdict(0.0, "unparseable", f"syntax error: {report['syntax_error']}")
         if report.get("error"):
-            return _verdict(0.0, "error", report["error"], "".join(marks) + "-" * len(report.get("tests", [])))
+            return _verdict(
+                0.0, "error", report["error"], "".join(marks) + "-" * len(report.get("tests", []))
+            )
         tests = report.get("tests") or []
         if problem.get("io_tests") is not None:
             expected = problem["io_tests"][position]["output"]
@@ -100,7 +104,11 @@ def judge(problem: dict, results: list[JobResult]) -> dict:
             ok = ok and normalize_output(result.stdout) == normalize_output(expected)
             marks.append("P" if ok else "F")
             if not ok and first_problem is None:
-                got = tests[0]["error"] if tests and not tests[0]["passed"] else f"stdout {result.stdout[:80]!r}"
+                got = (
+                    tests[0]["error"]
+                    if tests and not tests[0]["passed"]
+                    else f"stdout {result.stdout[:80]!r}"
+                )
                 first_problem = f"case {position}: {got}, expected {expected[:80]!r}"
             continue
         for number, test in enumerate(tests):

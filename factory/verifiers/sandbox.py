@@ -47,7 +47,15 @@ from dataclasses import asdict, dataclass, field
 log = logging.getLogger(__name__)
 
 _CLONE_NEWNS, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET = 0x20000, 0x10000000, 0x20000000, 0x40000000
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_REMOUNT, _MS_BIND, _MS_REC, _MS_PRIVATE = (
+    1,
+    2,
+    4,
+    32,
+    4096,
+    16384,
+    1 << 18,
+)
 # mount_setattr(2) (x86_64 and aarch64 share the number), AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY.
 _SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 0x1
 _TMPFS_MB = 64  # the job's working directory (with mount namespaces); files are capped by RLIMIT_FSIZE too
@@ -192,7 +200,9 @@ class Sandbox:
                 for i in pending:
                     attempts[i] += 1
                     if attempts[i] >= 2:
-                        results[i] = JobResult("error", detail="the sandbox server died twice during this job")
+                        results[i] = JobResult(
+                            "error", detail="the sandbox server died twice during this job"
+                        )
                 todo = sorted(i for i in pending if results[i] is None)
             else:
                 todo = []
@@ -353,7 +363,9 @@ class _Running:
     limits: dict
     start: float
     streams: dict  # fd -> name ("stdout", "stderr", "proof")
-    data: dict = field(default_factory=lambda: {"stdout": bytearray(), "stderr": bytearray(), "proof": bytearray()})
+    data: dict = field(
+        default_factory=lambda: {"stdout": bytearray(), "stderr": bytearray(), "proof": bytearray()}
+    )
     total_output: int = 0
     status: str | None = None  # set when the server killed it (timeout / output_limit)
     exited: bool = False
@@ -436,9 +448,7 @@ class _Server:
         if pid == 0:
             _child({"payload": payload, "limits": limits}, fds, nonce, self.support)
         os.close(stdin)
-        run = _Running(
-            index, pid, os.pidfd_open(pid), nonce, workdir, limits, time.monotonic(), streams={}
-        )
+        run = _Running(index, pid, os.pidfd_open(pid), nonce, workdir, limits, time.monotonic(), streams={})
         for name, (read_end, write_end) in pipes.items():
             os.close(write_end)
             os.set_blocking(read_end, False)
