@@ -7,19 +7,20 @@ interpreter (what makes ``multiprocessing`` spawn-based executors slow), and run
 at once. Each child:
 
 * starts a new session (``setsid``), so the whole job is one process group the server can ``killpg``;
-* where the kernel allows it, enters new user, mount, network and PID namespaces: no network (only a
-  down loopback of its own), every mount read-only except the job's temporary directory, and the job runs
-  as PID 1 of its own namespace, so it cannot see or signal the server, the caller or any other process,
-  and everything it started dies with it;
+* where the kernel allows it, enters new user, mount and PID namespaces (and shares the server's network
+  namespace): no network (only a down loopback), every mount read-only except the job's work directory,
+  and the job runs as PID 1 of its own namespace, so it cannot see or signal the server, the caller or any
+  other process, and everything it started dies with it;
 * forks the job process, which sets resource limits (CPU seconds, address space, processes, file size, no
-  core files), changes into a fresh temporary directory (removed afterwards), clears the environment, gets
-  stdin from the job's input and stdout/stderr on capped pipes, and runs ``harness.run``.
+  core files), changes into its work directory (a tmpfs of its own where mount namespaces are granted,
+  else a fresh directory removed afterwards), clears the environment, gets stdin from the job's input and
+  stdout/stderr on capped pipes, and runs ``harness.run``.
 
 The server enforces the wall-clock timeout by killing the process group, kills a job whose output passes
 ``Limits.max_output_bytes`` (it keeps the first ``Limits.capture_bytes`` of each stream), and accepts the
 harness's report only when it carries the job's random nonce on the private proof pipe. Which isolation the
-kernel granted is probed once per server and logged once per process when something is missing
-(:func:`isolation_support`).
+kernel granted is probed once per server (:func:`probe_isolation`, :meth:`Sandbox.isolation`) and logged
+once per process when something is missing. Design notes and known gaps: docs/code_verifier.md.
 """
 
 from __future__ import annotations
