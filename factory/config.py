@@ -117,7 +117,13 @@ class TrainerConfig:
     num_nodes: int = 1
     precision: str = "32-true"
     max_steps: int = 600  # optimizer steps per M-step (and for the SFT baseline: same budget)
-    batch_size: int = 4
+    batch_size: int = 4  # micro-batch per device
+    global_batch_size: int | None = None  # per optimizer step (accumulates); null = batch_size x devices
+    packing: bool = False  # one unpadded row per micro-batch, no attention across samples
+    loss_chunk_size: int = 0  # >0: chunked cross-entropy, no full fp32 logits (large vocabularies)
+    compile: bool = False  # torch.compile the model
+    gradient_checkpointing: bool = False
+    checkpoint_every_n_steps: int = 200  # resumable checkpoints in the stage's .partial dir; 0 = none
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
