@@ -19,7 +19,7 @@ from factory.rundir import atomic_dir, mark_done, write_json
 from train.checkpoints import CheckpointResume
 from train.data import PromptCompletionDataModule
 from train.module import CausalLMModule
-from train.strategy import accumulation, build_strategy, gathered_model, is_sharded
+from train.strategy import accumulation, build_strategy, full_state_dict, gathered_model, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def fine_tune(
     trainer = L.Trainer(
         accelerator=settings.accelerator,
         devices=settings.devices,
-        strategy=build_strategy(settings, model),
+        strategy=build_strategy(settings),
         num_nodes=int(settings.num_nodes),
         precision=settings.precision,
         max_steps=int(settings.max_steps),
@@ -123,7 +123,7 @@ def fine_tune(
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     # Under FSDP gathering the full weights is a collective, so every rank takes part; only rank 0 writes.
     sharded = is_sharded(trainer.strategy)
-    state = trainer.strategy.lightning_module_state_dict() if sharded else None
+    state = full_state_dict(model) if sharded else None
     losses = module.losses
     tail = losses[-50:]
     info = {

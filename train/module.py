@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import types
+
 import lightning as L
 import torch
 
 from train.loss import causal_lm_loss_sum
+from train.strategy import is_sharded, shard_model
 
 
 def warmup_linear_decay(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -14,6 +18,12 @@ def warmup_linear_decay(step: int, *, warmup_steps: int, max_steps: int, min_lr_
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return 1.0 - (1.0 - min_lr_ratio) * progress
+
+
+def chunked_loss(model, *, labels: torch.Tensor, chunk_size: int, **batch) -> torch.Tensor:
+    """The summed next-token loss of ``batch`` through the decoder and ``causal_lm_loss_sum``."""
+    hidden = model.get_decoder()(**batch, use_cache=False).last_hidden_state
+    return causal_lm_loss_sum(hidden, labels, model.get_output_embeddings(), chunk_size=chunk_size)
 
 
 class CausalLMModule(L.LightningModule):
@@ -70,6 +80,17 @@ class CausalLMModule(L.LightningModule):
         if self.compile_model and not getattr(self, "_compiled", False):
             (self.model.get_decoder() if self.loss_chunk_size else self.model).compile()
             self._compiled = True
+        strategy = self.trainer.strategy
+        if is_sharded(strategy) and not getattr(self, "_sharded", False):
+            shard_model(self.model, strategy.device_mesh["data_parallel"])
+            if self.loss_chunk_size:
+                # FSDP2 gathers the root's weights (embeddings, tied head) around forward() only: the
+                # chunked loss runs decoder and head outside forward, so it is registered as one too.
+                from torch.distributed.fsdp import register_fsdp_forward_method
+
+                self.model.restem_chunked_loss = types.MethodType(chunked_loss, self.model)
+                register_fsdp_forward_method(self.model, "restem_chunked_loss")
+            self._sharded = True
 
     def on_fit_start(self) -> None:
         # from_pretrained returns the model in eval mode and Lightning keeps submodule modes as found.
@@ -84,10 +105,10 @@ class CausalLMModule(L.LightningModule):
             return self.model(**batch, use_cache=False).loss  # this batch's mean = the global batch's mean
         if not self.loss_chunk_size:
             return self.model(**batch, use_cache=False, num_items_in_batch=global_tokens).loss
-        labels = batch.pop("labels")
-        hidden = self.model.get_decoder()(**batch, use_cache=False).last_hidden_state
-        head = self.model.get_output_embeddings()
-        return causal_lm_loss_sum(hidden, labels, head, chunk_size=self.loss_chunk_size) / global_tokens
+        loss_fn = getattr(self.model, "restem_chunked_loss", None) or functools.partial(
+            chunked_loss, self.model
+        )
+        return loss_fn(chunk_size=self.loss_chunk_size, **batch) / global_tokens
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
