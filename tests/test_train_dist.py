@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dist_job  # tests/ is on sys.path under pytest's default import mode
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -14,7 +15,6 @@ from transformers import AutoModelForCausalLM
 from factory.config import compose
 from factory.rundir import read_json
 from train.finetune import fine_tune
-import dist_job  # tests/ is on sys.path under pytest's default import mode
 
 
 @pytest.fixture(scope="module")
