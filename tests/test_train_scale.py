@@ -254,3 +254,13 @@ def test_data_module_resumes_at_the_restored_step(tiny_model_and_tokenizer):
     data = PromptCompletionDataModule(tok, _pairs(), batch_size=2, max_steps=6, global_batch_size=4)
     full = list(data.batch_sampler())
     assert list(data.batch_sampler(start_step=4)) == full[8:]
+
+
+def test_gradient_checkpointing_and_bf16_mixed_train(tmp_path, tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    reference, info_ref = _train(model, tok, tmp_path, "ref", max_steps=4)
+    recomputed, _ = _train(model, tok, tmp_path, "ckpt", max_steps=4, gradient_checkpointing=True)
+    _assert_same_weights(recomputed, reference)
+    _, info_bf16 = _train(model, tok, tmp_path, "bf16", max_steps=4, precision="bf16-mixed")
+    assert info_bf16["first_loss"] == pytest.approx(info_ref["first_loss"], rel=2e-2)
+    assert info_bf16["first_loss"] != info_ref["first_loss"]  # autocast did run in bf16

@@ -14,6 +14,7 @@ import re
 import shutil
 from pathlib import Path
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from factory.rundir import read_json, write_json
@@ -34,6 +35,14 @@ def fingerprint(settings: DictConfig, pairs: list[dict], model_config: str = "")
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+class _StepCheckpoint(ModelCheckpoint):
+    """Every-n-steps checkpoints, none at the last step (the finished model is exported instead)."""
+
+    def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        if trainer.global_step < trainer.max_steps:
+            super().on_train_batch_end(trainer, *args, **kwargs)
+
+
 class CheckpointResume:
     """Checkpoints of one fit under ``partial/checkpoints`` and the newest one to resume from."""
 
@@ -50,11 +59,9 @@ class CheckpointResume:
         """A ModelCheckpoint keeping only the newest ``step-N.ckpt`` (none when ``every_n_steps`` is 0)."""
         if every_n_steps <= 0:
             return []
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
         write_json(self.partial / "fingerprint.json", {"key": self.key})
         return [
-            ModelCheckpoint(
+            _StepCheckpoint(
                 dirpath=self.dir,
                 filename="step-{step}",
                 auto_insert_metric_name=False,

@@ -76,7 +76,9 @@ class CausalLMModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.gradient_checkpointing:
             self.model.config.use_cache = False
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
         if self.compile_model and not getattr(self, "_compiled", False):
             (self.model.get_decoder() if self.loss_chunk_size else self.model).compile()
             self._compiled = True
