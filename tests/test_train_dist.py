@@ -60,3 +60,22 @@ def test_multi_process_config_trains_like_one_process(tmp_path, single_process, 
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=name)
     assert not (tmp_path / ".m.partial").exists()
+
+
+@pytest.mark.slow
+def test_loop_runs_a_multi_process_m_step_as_its_own_torchrun_job(tmp_path, single_process):
+    from train.finetune import train_from_base
+
+    model, tokenizer = dist_job.tiny_model()
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    cfg = compose(["paths.run_dir=unused", "trainer=ddp", *dist_job.CPU])
+    info = train_from_base(
+        cfg, base_path=tmp_path / "base", pairs=dist_job.PAIRS, out_dir=tmp_path / "m", desc="t"
+    )
+    assert info["steps"] == 6 and info["base_model"] == str(tmp_path / "base")
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "m").state_dict()
+    want = AutoModelForCausalLM.from_pretrained(single_process).state_dict()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=name)
+    assert not (tmp_path / ".m.launch").exists()

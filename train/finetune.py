@@ -163,9 +163,25 @@ def snapshot_pairs(dataset_dir: Path) -> list[dict]:
 
 
 def train_from_base(cfg: DictConfig, *, base_path: Path, pairs: list[dict], out_dir: Path, desc: str) -> dict:
-    """Loads the base model fresh (ReST-EM never continues from the previous policy) and fine-tunes it."""
-    from factory.models import load_model, load_tokenizer
+    """Loads the base model fresh (ReST-EM never continues from the previous policy) and fine-tunes it.
 
+    A fit on several devices of one node that no launcher started runs as its own torchrun job
+    (``train.launch``), so the loop can run one multi-process M-step after another.
+    """
+    from factory.models import load_model, load_tokenizer
+    from train.launch import launch_fit, needs_launch
+
+    extra_info = {"base_model": str(base_path)}
+    if needs_launch(cfg.trainer):
+        return launch_fit(
+            base_path=base_path,
+            dtype=cfg.model.dtype,
+            pairs=pairs,
+            out_dir=out_dir,
+            settings=cfg.trainer,
+            desc=desc,
+            extra_info=extra_info,
+        )
     model = load_model(base_path, dtype=cfg.model.dtype)
     tokenizer = load_tokenizer(base_path)
     return fine_tune(
@@ -175,7 +191,7 @@ def train_from_base(cfg: DictConfig, *, base_path: Path, pairs: list[dict], out_
         out_dir=out_dir,
         settings=cfg.trainer,
         desc=desc,
-        extra_info={"base_model": str(base_path)},
+        extra_info=extra_info,
     )
 
 
