@@ -236,6 +236,9 @@ def validate(cfg: DictConfig) -> None:
     for key in positive:
         if OmegaConf.select(cfg, key) < 1:
             raise ValueError(f"config error: {key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    for key in ("trainer.loss_chunk_size", "trainer.checkpoint_every_n_steps"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ValueError(f"config error: {key} must be >= 0, got {OmegaConf.select(cfg, key)}")
     if cfg.loop.iterations < 0:
         raise ValueError(f"config error: loop.iterations must be >= 0, got {cfg.loop.iterations}")
     if not cfg.sampler.temperature >= 0.0:
