@@ -176,6 +176,7 @@ def test_indivisible_global_batch_is_refused(tmp_path, tiny_model_and_tokenizer)
         _train(model, tok, tmp_path, "m", global_batch_size=6)
 
 
+@pytest.mark.slow
 def test_packing_and_accumulation_train_like_one_big_batch(tmp_path, tiny_model_and_tokenizer):
     model, tok = tiny_model_and_tokenizer
     big, info_big = _train(model, tok, tmp_path, "big", batch_size=8)
@@ -256,6 +257,7 @@ def test_data_module_resumes_at_the_restored_step(tiny_model_and_tokenizer):
     assert list(data.batch_sampler(start_step=4)) == full[8:]
 
 
+@pytest.mark.slow
 def test_gradient_checkpointing_and_bf16_mixed_train(tmp_path, tiny_model_and_tokenizer):
     model, tok = tiny_model_and_tokenizer
     reference, info_ref = _train(model, tok, tmp_path, "ref", max_steps=4)
