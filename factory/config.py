@@ -140,7 +140,13 @@ class TrainerConfig:
     num_nodes: int = 1
     precision: str = "32-true"
     max_steps: int = 600  # optimizer steps per M-step (and for the SFT baseline: same budget)
-    batch_size: int = 4
+    batch_size: int = 4  # micro-batch per device
+    global_batch_size: int | None = None  # per optimizer step (accumulates); null = batch_size x devices
+    packing: bool = False  # one unpadded row per micro-batch, no attention across samples
+    loss_chunk_size: int = 0  # >0: chunked cross-entropy, no full fp32 logits (large vocabularies)
+    compile: bool = False  # torch.compile the model
+    gradient_checkpointing: bool = False
+    checkpoint_every_n_steps: int = 200  # resumable checkpoints in the stage's .partial dir; 0 = none
     lr: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 50
@@ -254,6 +260,9 @@ def validate(cfg: DictConfig) -> None:
     for key in positive:
         if OmegaConf.select(cfg, key) < 1:
             raise ValueError(f"config error: {key} must be >= 1, got {OmegaConf.select(cfg, key)}")
+    for key in ("trainer.loss_chunk_size", "trainer.checkpoint_every_n_steps"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ValueError(f"config error: {key} must be >= 0, got {OmegaConf.select(cfg, key)}")
     if cfg.loop.iterations < 0:
         raise ValueError(f"config error: loop.iterations must be >= 0, got {cfg.loop.iterations}")
     if not cfg.sampler.temperature >= 0.0:

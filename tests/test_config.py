@@ -61,6 +61,7 @@ def test_wrong_type_fails():
         ("sampler.top_p=1.5", "sampler.top_p"),
         ("model.tiny.num_heads=8", "model.tiny.hidden_size / model.tiny.num_heads"),
         ("eval.split=train", "eval.split"),
+        ("trainer.loss_chunk_size=-1", "trainer.loss_chunk_size"),
     ],
 )
 def test_bad_values_fail_with_the_key(override, message):

@@ -1,10 +1,18 @@
-"""M-step data: prompt/completion pairs -> token ids with the prompt masked out of the loss."""
+"""M-step data: prompt/completion pairs -> token ids with the prompt masked out of the loss.
+
+One optimizer step consumes one *global batch*: ``global_batch_size`` consecutive items of a fixed, seeded
+index stream (``CyclingSampler``). ``StepBatchSampler`` cuts each global batch into the micro-batches of
+every rank (data parallel) and of every gradient-accumulation round, so the samples that make up step s
+do not depend on the number of devices or on the accumulation, and a resumed run starts at the right
+place in the stream. Each micro-batch also carries the number of loss tokens in its whole global batch,
+so the loss is the mean over the global batch's tokens however it is split.
+"""
 
 from __future__ import annotations
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 IGNORE_INDEX = -100  # label value that transformers' causal-LM loss skips
 
@@ -16,6 +24,11 @@ def tokenize_example(tokenizer, prompt: str, completion: str, *, max_length: int
     input_ids = (prompt_ids + completion_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + completion_ids)[:max_length]
     return {"input_ids": input_ids, "labels": labels}
+
+
+def num_loss_tokens(example: dict) -> int:
+    """Tokens of ``example`` the next-token loss counts (the first token is never a target)."""
+    return sum(label != IGNORE_INDEX for label in example["labels"][1:])
 
 
 def collate(examples: list[dict], *, pad_token_id: int) -> dict:
@@ -30,6 +43,28 @@ def collate(examples: list[dict], *, pad_token_id: int) -> dict:
         labels[row, :n] = torch.tensor(e["labels"])
         attention_mask[row, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def collate_packed(examples: list[dict]) -> dict:
+    """Concatenates a batch into one row with no padding; position ids restart at 0 for each sample.
+
+    transformers (``masking_utils.find_packed_sequence_indices``) reads the position-id resets, when
+    neither an attention mask nor a KV cache is given (call the model with ``use_cache=False``), as
+    sample boundaries and builds a block-diagonal causal mask (sdpa, eager,
+    flex) or variable-length attention (flash-attention), so no token attends across samples. Each
+    sample's first label is masked: the previous sample's last token must not learn to predict it (an
+    unpacked batch never uses a row's first label either), so the loss equals the unpacked loss.
+    """
+    input_ids, labels, position_ids = [], [], []
+    for e in examples:
+        input_ids += e["input_ids"]
+        labels += [IGNORE_INDEX] + list(e["labels"][1:])
+        position_ids += range(len(e["input_ids"]))
+    return {
+        "input_ids": torch.tensor([input_ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([position_ids], dtype=torch.long),
+    }
 
 
 class CyclingSampler(Sampler[int]):
@@ -58,8 +93,89 @@ class CyclingSampler(Sampler[int]):
                 emitted += 1
 
 
+class StepBatchSampler(Sampler[list]):
+    """This rank's micro-batches of the step stream: ``max_steps`` global batches of ``CyclingSampler``.
+
+    Global batch s is items ``[s*G, (s+1)*G)`` of the stream; rank r takes its contiguous ``G / world``
+    share, served as ``accumulate`` micro-batches of ``micro_batch_size``. Each yielded item is
+    ``(index, loss tokens in the whole global batch)``. ``start_step`` skips the steps a resumed run has
+    already taken; ``len()`` stays the whole run's count, as Lightning's restored batch counter expects.
+    """
+
+    def __init__(
+        self,
+        loss_tokens: list[int],
+        *,
+        max_steps: int,
+        global_batch_size: int,
+        micro_batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        start_step: int = 0,
+    ):
+        share, rest = divmod(global_batch_size, micro_batch_size * world_size)
+        if rest or share < 1:
+            raise ValueError(
+                f"config error: trainer.global_batch_size={global_batch_size} must be a multiple of "
+                f"trainer.batch_size x devices x nodes = {micro_batch_size} x {world_size}"
+            )
+        self.loss_tokens = loss_tokens
+        self.max_steps = max_steps
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.accumulate = share
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.start_step = start_step
+
+    def __len__(self) -> int:
+        return self.max_steps * self.accumulate
+
+    def __iter__(self):
+        stream = list(
+            CyclingSampler(
+                len(self.loss_tokens), total=self.max_steps * self.global_batch_size, seed=self.seed
+            )
+        )
+        g, b = self.global_batch_size, self.micro_batch_size
+        for step in range(self.start_step, self.max_steps):
+            batch = stream[step * g : (step + 1) * g]
+            tokens = sum(self.loss_tokens[i] for i in batch)
+            mine = batch[self.rank * (g // self.world_size) : (self.rank + 1) * (g // self.world_size)]
+            for k in range(self.accumulate):
+                yield [(i, tokens) for i in mine[k * b : (k + 1) * b]]
+
+
+class _TokenizedPairs(Dataset):
+    """Indexed by ``(index, global loss tokens)``; the count travels with the example to the collate."""
+
+    def __init__(self, examples: list[dict]):
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict:
+        index, tokens = key
+        return {**self.examples[index], "global_loss_tokens": tokens}
+
+
 class PromptCompletionDataModule(L.LightningDataModule):
-    """Serves shuffled, padded batches of prompt/completion pairs (prompt tokens masked)."""
+    """Serves the step stream's micro-batches of prompt/completion pairs (prompt tokens masked).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        pairs: dicts with ``prompt`` and ``completion``.
+        batch_size: micro-batch size per device.
+        max_steps: optimizer steps (global batches) in the stream.
+        global_batch_size: samples per optimizer step over all devices and accumulation rounds
+            (``None``: ``batch_size`` x the number of devices, no accumulation).
+        packing: concatenate each micro-batch into one unpadded row (``collate_packed``).
+        seed: seeds the stream's permutations.
+        max_length: tokens kept per pair.
+    """
 
     def __init__(
         self,
@@ -68,6 +184,8 @@ class PromptCompletionDataModule(L.LightningDataModule):
         *,
         batch_size: int,
         max_steps: int,
+        global_batch_size: int | None = None,
+        packing: bool = False,
         seed: int = 0,
         max_length: int = 512,
     ):
@@ -78,6 +196,8 @@ class PromptCompletionDataModule(L.LightningDataModule):
         self.pairs = pairs
         self.batch_size = batch_size
         self.max_steps = max_steps
+        self.global_batch_size = global_batch_size
+        self.packing = packing
         self.seed = seed
         self.max_length = max_length
         self.examples: list[dict] = []
@@ -89,13 +209,35 @@ class PromptCompletionDataModule(L.LightningDataModule):
                 for p in self.pairs
             ]
 
-    def train_dataloader(self) -> DataLoader:
-        pad = self.tokenizer.pad_token_id
-        return DataLoader(
-            self.examples,
-            batch_size=self.batch_size,
-            sampler=CyclingSampler(
-                len(self.examples), total=self.max_steps * self.batch_size, seed=self.seed
-            ),
-            collate_fn=lambda batch: collate(batch, pad_token_id=pad),
+    def batch_sampler(self, *, rank: int = 0, world_size: int = 1, start_step: int = 0) -> StepBatchSampler:
+        """The micro-batches of ``rank`` from ``start_step`` on."""
+        self.setup()
+        return StepBatchSampler(
+            [num_loss_tokens(e) for e in self.examples],
+            max_steps=self.max_steps,
+            global_batch_size=self.global_batch_size or self.batch_size * world_size,
+            micro_batch_size=self.batch_size,
+            seed=self.seed,
+            rank=rank,
+            world_size=world_size,
+            start_step=start_step,
         )
+
+    def collate(self, examples: list[dict]) -> dict:
+        tokens = examples[0]["global_loss_tokens"]
+        batch = (
+            collate_packed(examples)
+            if self.packing
+            else collate(examples, pad_token_id=self.tokenizer.pad_token_id)
+        )
+        return {**batch, "global_loss_tokens": torch.tensor(tokens)}
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        sampler = self.batch_sampler(
+            rank=trainer.global_rank if trainer else 0,
+            world_size=trainer.world_size if trainer else 1,
+            # On a resumed fit Lightning has restored global_step before it asks for the data.
+            start_step=trainer.global_step if trainer else 0,
+        )
+        return DataLoader(_TokenizedPairs(self.examples), batch_sampler=sampler, collate_fn=self.collate)

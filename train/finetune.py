@@ -6,6 +6,7 @@ Command: ``restem-train iteration=2`` trains ``iter_2/model`` from the base mode
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -15,8 +16,10 @@ from omegaconf import DictConfig
 
 from factory.config import hydra_entry
 from factory.rundir import atomic_dir, mark_done, write_json
+from train.checkpoints import CheckpointResume
 from train.data import PromptCompletionDataModule
 from train.module import CausalLMModule
+from train.strategy import accumulation, build_strategy, full_state_dict, gathered_model, is_sharded
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +33,13 @@ def fine_tune(
     settings: DictConfig,
     desc: str = "M-step",
     extra_info: dict | None = None,
+    callbacks: list | None = None,
 ) -> dict:
     """Trains ``model`` on prompt/completion ``pairs`` and saves model + tokenizer to ``out_dir`` atomically.
+
+    With ``settings.checkpoint_every_n_steps`` > 0, Lightning checkpoints go to ``out_dir``'s hidden
+    ``.partial`` sibling, and a rerun with the same settings and data resumes from the newest one; the
+    sibling is removed once the model is saved.
 
     Args:
         model: a transformers causal LM (trained in place).
@@ -41,21 +49,28 @@ def fine_tune(
         settings: trainer settings (``conf/trainer``: max_steps, batch_size, lr, ...).
         desc: label for the log line.
         extra_info: merged into the folder's ``stage.json``.
+        callbacks: extra Lightning callbacks (benchmarks, tests).
 
     Returns:
-        dict with ``steps``, ``first_loss``, ``last_loss`` (mean of the last 50 steps), ``seconds``.
+        dict with ``steps``, ``first_loss``, ``last_loss`` (mean of the last 50 steps), ``seconds``,
+        ``resumed_from_step``.
     """
     start = time.time()
     # Lightning's start-up banner (accelerator lines, cloud-logging tips) is noise in a loop of many fits.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     # lightning 2.6 calls a torch pytree API that torch 2.13 deprecates: harmless, not ours to fix.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # StepBatchSampler resumes at the restored global step itself (Lightning cannot know that).
+    warnings.filterwarnings("ignore", message=r".*dataloader is not resumable.*")
+    warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
     L.seed_everything(int(settings.seed), verbose=False)
     data = PromptCompletionDataModule(
         tokenizer,
         pairs,
         batch_size=int(settings.batch_size),
         max_steps=int(settings.max_steps),
+        global_batch_size=settings.global_batch_size,
+        packing=bool(settings.packing),
         seed=int(settings.seed),
     )
     module = CausalLMModule(
@@ -65,27 +80,50 @@ def fine_tune(
         warmup_steps=int(settings.warmup_steps),
         max_steps=int(settings.max_steps),
         min_lr_ratio=float(settings.min_lr_ratio),
+        loss_chunk_size=int(settings.loss_chunk_size),
+        compile=bool(settings.compile),
+        gradient_checkpointing=bool(settings.gradient_checkpointing),
+    )
+    partial = Path(out_dir).with_name(f".{Path(out_dir).name}.partial")
+    checkpoints = CheckpointResume(
+        partial, settings=settings, pairs=pairs, model_config=model.config.to_json_string()
     )
     trainer = L.Trainer(
         accelerator=settings.accelerator,
         devices=settings.devices,
-        strategy=settings.strategy,
+        strategy=build_strategy(settings),
         num_nodes=int(settings.num_nodes),
         precision=settings.precision,
         max_steps=int(settings.max_steps),
-        max_epochs=1,  # the data stream is exactly max_steps batches long (CyclingSampler)
+        max_epochs=1,  # the data stream is exactly max_steps global batches long (StepBatchSampler)
         gradient_clip_val=float(settings.grad_clip),
+        use_distributed_sampler=False,  # StepBatchSampler gives each rank its share itself
         logger=False,
-        enable_checkpointing=False,
+        callbacks=checkpoints.callbacks(int(settings.checkpoint_every_n_steps)) + list(callbacks or []),
+        enable_checkpointing=bool(settings.checkpoint_every_n_steps),
         enable_model_summary=False,
         enable_progress_bar=bool(settings.progress_bar),
-        default_root_dir=str(Path(out_dir).parent),
+        default_root_dir=str(partial),
         log_every_n_steps=50,
     )
+    # Known once the trainer knows its world size; StepBatchSampler checks that it divides evenly.
+    trainer.accumulate_grad_batches = accumulation(settings, trainer.world_size)
+    resume = checkpoints.last() if settings.checkpoint_every_n_steps else None
     log.info(
-        "%s: %d examples, %d steps of batch %d", desc, len(pairs), settings.max_steps, settings.batch_size
+        "%s: %d examples, %d steps of %d (micro-batch %d x %d devices x %d accumulation)%s",
+        desc,
+        len(pairs),
+        settings.max_steps,
+        settings.global_batch_size or settings.batch_size * trainer.world_size,
+        settings.batch_size,
+        trainer.world_size,
+        trainer.accumulate_grad_batches,
+        f", resuming from {resume}" if resume else "",
     )
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=resume)
+    # Under FSDP gathering the full weights is a collective, so every rank takes part; only rank 0 writes.
+    sharded = is_sharded(trainer.strategy)
+    state = full_state_dict(model) if sharded else None
     losses = module.losses
     tail = losses[-50:]
     info = {
@@ -93,14 +131,18 @@ def fine_tune(
         "num_examples": len(pairs),
         "first_loss": losses[0] if losses else None,
         "last_loss": sum(tail) / len(tail) if tail else None,
+        "resumed_from_step": checkpoints.step_of(resume) if resume else None,
         **(extra_info or {}),
     }
+    if trainer.global_rank != 0:
+        return info
     with atomic_dir(Path(out_dir)) as tmp:
-        module.model.save_pretrained(tmp)
+        (gathered_model(model, state) if sharded else model).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "train_log.json", {"losses": [round(x, 5) for x in losses]})
         info["seconds"] = round(time.time() - start, 3)
         mark_done(tmp, **info)
+    shutil.rmtree(partial, ignore_errors=True)
     return info
 
 
@@ -121,9 +163,25 @@ def snapshot_pairs(dataset_dir: Path) -> list[dict]:
 
 
 def train_from_base(cfg: DictConfig, *, base_path: Path, pairs: list[dict], out_dir: Path, desc: str) -> dict:
-    """Loads the base model fresh (ReST-EM never continues from the previous policy) and fine-tunes it."""
-    from factory.models import load_model, load_tokenizer
+    """Loads the base model fresh (ReST-EM never continues from the previous policy) and fine-tunes it.
 
+    A fit on several devices of one node that no launcher started runs as its own torchrun job
+    (``train.launch``), so the loop can run one multi-process M-step after another.
+    """
+    from factory.models import load_model, load_tokenizer
+    from train.launch import launch_fit, needs_launch
+
+    extra_info = {"base_model": str(base_path)}
+    if needs_launch(cfg.trainer):
+        return launch_fit(
+            base_path=base_path,
+            dtype=cfg.model.dtype,
+            pairs=pairs,
+            out_dir=out_dir,
+            settings=cfg.trainer,
+            desc=desc,
+            extra_info=extra_info,
+        )
     model = load_model(base_path, dtype=cfg.model.dtype)
     tokenizer = load_tokenizer(base_path)
     return fine_tune(
@@ -133,7 +191,7 @@ def train_from_base(cfg: DictConfig, *, base_path: Path, pairs: list[dict], out_
         out_dir=out_dir,
         settings=cfg.trainer,
         desc=desc,
-        extra_info={"base_model": str(base_path)},
+        extra_info=extra_info,
     )
 
 

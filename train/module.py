@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import types
+
 import lightning as L
 import torch
+
+from train.loss import causal_lm_loss_sum
+from train.strategy import is_sharded, shard_model
 
 
 def warmup_linear_decay(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -14,11 +20,39 @@ def warmup_linear_decay(step: int, *, warmup_steps: int, max_steps: int, min_lr_
     return 1.0 - (1.0 - min_lr_ratio) * progress
 
 
+def chunked_loss(model, *, labels: torch.Tensor, chunk_size: int, **batch) -> torch.Tensor:
+    """The summed next-token loss of ``batch`` through the decoder and ``causal_lm_loss_sum``."""
+    hidden = model.get_decoder()(**batch, use_cache=False).last_hidden_state
+    return causal_lm_loss_sum(hidden, labels, model.get_output_embeddings(), chunk_size=chunk_size)
+
+
 class CausalLMModule(L.LightningModule):
-    """Wraps a transformers causal LM; ``losses`` keeps the per-step training loss for reports and tests."""
+    """Wraps a transformers causal LM; ``losses`` keeps the per-step training loss for reports and tests.
+
+    The loss of an optimizer step is the mean over every loss token of its global batch, however the batch
+    is split over devices and accumulation rounds (each micro-batch carries the global count). Options:
+
+    Args:
+        model: a transformers causal LM.
+        lr, weight_decay, warmup_steps, max_steps, min_lr_ratio: AdamW and the LR schedule.
+        loss_chunk_size: >0 computes the loss with ``causal_lm_loss_sum`` in chunks of this many target
+            positions (no full fp32 logits); 0 uses the model's own loss.
+        compile: ``torch.compile`` the model (the decoder only when the loss is chunked).
+        gradient_checkpointing: recompute each decoder layer's activations in the backward.
+    """
 
     def __init__(
-        self, model, *, lr: float, weight_decay: float, warmup_steps: int, max_steps: int, min_lr_ratio: float
+        self,
+        model,
+        *,
+        lr: float,
+        weight_decay: float,
+        warmup_steps: int,
+        max_steps: int,
+        min_lr_ratio: float,
+        loss_chunk_size: int = 0,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         self.model = model
@@ -27,17 +61,80 @@ class CausalLMModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.max_steps = max_steps
         self.min_lr_ratio = min_lr_ratio
-        self.losses: list[float] = []
+        self.loss_chunk_size = loss_chunk_size
+        self.compile_model = compile
+        self.gradient_checkpointing = gradient_checkpointing
+        self._losses: list[torch.Tensor | float] = []
+        self._step_loss: torch.Tensor | None = None
+
+    @property
+    def losses(self) -> list[float]:
+        """Training loss of each optimizer step so far (the global batch's mean)."""
+        self._losses = [float(x) for x in self._losses]
+        return self._losses
+
+    def configure_model(self) -> None:
+        if self.gradient_checkpointing:
+            self.model.config.use_cache = False
+            self.model.activation_checkpointing_enable(
+                activation_checkpointing_kwargs={"use_reentrant": False}
+            )
+        if self.compile_model and not getattr(self, "_compiled", False):
+            (self.model.get_decoder() if self.loss_chunk_size else self.model).compile()
+            self._compiled = True
+        strategy = self.trainer.strategy
+        if is_sharded(strategy) and not getattr(self, "_sharded", False):
+            shard_model(self.model, strategy.device_mesh["data_parallel"])
+            if self.loss_chunk_size:
+                # FSDP2 gathers the root's weights (embeddings, tied head) around forward() only: the
+                # chunked loss runs decoder and head outside forward, so it is registered as one too.
+                from torch.distributed.fsdp import register_fsdp_forward_method
+
+                self.model.restem_chunked_loss = types.MethodType(chunked_loss, self.model)
+                register_fsdp_forward_method(self.model, "restem_chunked_loss")
+            self._sharded = True
 
     def on_fit_start(self) -> None:
         # from_pretrained returns the model in eval mode and Lightning keeps submodule modes as found.
         self.model.train()
 
+    def _loss(self, batch: dict) -> torch.Tensor:
+        """This micro-batch's share of its global batch's mean loss (before Lightning's and DDP's scaling)."""
+        global_tokens = batch.pop("global_loss_tokens")
+        shares = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        # No KV cache: training needs none, and transformers only reads packed rows' position ids without one.
+        if not self.loss_chunk_size and shares == 1:
+            return self.model(**batch, use_cache=False).loss  # this batch's mean = the global batch's mean
+        if not self.loss_chunk_size:
+            return self.model(**batch, use_cache=False, num_items_in_batch=global_tokens).loss
+        loss_fn = getattr(self.model, "restem_chunked_loss", None) or functools.partial(
+            chunked_loss, self.model
+        )
+        return loss_fn(chunk_size=self.loss_chunk_size, **batch) / global_tokens
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = self.model(**batch).loss
-        self.losses.append(float(loss.detach()))
-        self.log("loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
-        return loss
+        loss = self._loss(batch)
+        share = loss.detach()
+        self._step_loss = share if self._step_loss is None else self._step_loss + share
+        shares = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        self.log("loss", loss * shares, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
+        # Lightning divides by the accumulation rounds and DDP averages over ranks: undo both, so the
+        # gradient is that of the global batch's token mean.
+        return loss * shares
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # Once per optimizer step, after the last accumulation round: the global batch's loss.
+        step_loss = self._step_loss
+        if self.trainer.world_size > 1:
+            step_loss = self.trainer.strategy.reduce(step_loss, reduce_op="sum")
+        self._losses.append(step_loss)
+        self._step_loss = None
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["restem_losses"] = self.losses
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._losses = list(checkpoint.get("restem_losses", []))
 
     def configure_optimizers(self):
         decay, no_decay = [], []
