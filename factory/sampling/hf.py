@@ -186,22 +186,32 @@ def _decode(
         positions = positions.repeat_interleave(num_samples, dim=0)
     rows = mask.shape[0]
     out = [[] for _ in range(rows)]
-    alive = torch.arange(rows, device=device)  # original row of each batch row still decoding
+    alive = torch.arange(rows, device=device)  # original row of each batch row
+    done = torch.zeros(rows, dtype=torch.bool, device=device)  # rows that ended but are still in the batch
     position = positions[:, -1:]
     for step in range(max_new_tokens):
         tokens = pick_tokens(
             logits, seeds=seeds[alive.cpu()].to(device), step=step, temperature=temperature, top_k=top_k,
             top_p=top_p,
         )  # fmt: skip
-        for row, token in zip(alive.tolist(), tokens.tolist(), strict=True):
-            out[row].append(token)
-        going = tokens != eos_token_id
-        if step == max_new_tokens - 1 or not bool(going.any()):
+        for row, token, ended in zip(alive.tolist(), tokens.tolist(), done.tolist(), strict=True):
+            if not ended:
+                out[row].append(token)
+        done = done | (tokens == eos_token_id)
+        if step == max_new_tokens - 1 or bool(done.all()):
             break
-        if not bool(going.all()):  # drop finished rows: later steps cost only what is still running
-            keep = going.nonzero().squeeze(-1)
+        # Drop finished rows once they are a quarter of the batch: later steps cost only what is still
+        # running, without copying the whole cache every time one row ends.
+        if int(done.sum()) * 4 >= len(done):
+            keep = (~done).nonzero().squeeze(-1)
             cache.batch_select_indices(keep)
-            alive, tokens, mask, position = alive[keep], tokens[keep], mask[keep], position[keep]
+            alive, tokens, mask, position, done = (
+                alive[keep],
+                tokens[keep],
+                mask[keep],
+                position[keep],
+                done[keep],
+            )
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
         position = position + 1
         logits = model(
