@@ -6,6 +6,7 @@ import contextlib
 import functools
 
 import polars as pl
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -206,3 +207,30 @@ def test_sample_shards_do_not_change_samples(tmp_path, tiny_model_and_tokenizer)
     assert four.filter(pl.col("sample_idx") < 2).equals(two)
     expected = [problem_seed(0, p) + j for p, j in zip(four["problem_id"], four["sample_idx"], strict=True)]
     assert four["seed"].to_list() == expected
+
+
+def test_policy_draw_counts_repeated_e_steps_of_one_policy():
+    """After an empty snapshot the next E-step samples the same policy again: it must draw new seeds."""
+    from factory.sample import policy_draw, problem_seed
+
+    class _Run:
+        def __init__(self, models):
+            self.models = models
+
+        def is_done(self, k, stage):
+            return stage == "model" and k in self.models
+
+    assert [policy_draw(_Run({1, 2}), k) for k in (1, 2, 3)] == [0, 0, 0]
+    assert [policy_draw(_Run({1}), k) for k in (2, 3, 4)] == [0, 1, 2]  # iterations 2, 3 trained nothing
+    assert policy_draw(_Run(set()), 3) == 2
+    assert problem_seed(0, "p1", 0) == problem_seed(0, "p1") != problem_seed(0, "p1", 1)
+
+
+def test_vllm_sampler_config_composes(make_cfg):
+    cfg = make_cfg("sampler=vllm", "sampler.tensor_parallel_size=2")
+    assert cfg.sampler.backend == "vllm" and cfg.sampler.tensor_parallel_size == 2
+    assert cfg.sampler.dtype == cfg.model.dtype and cfg.sampler.num_samples == 4  # the test shrink applies
+    with pytest.raises(Exception, match="gpu_memory_utilisation"):
+        make_cfg("sampler=vllm", "sampler.gpu_memory_utilisation=0.5")
+    with pytest.raises(Exception, match="tensor_parallel_size"):
+        make_cfg("sampler.tensor_parallel_size=2")  # an hf sampler has no engine keys
