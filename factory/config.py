@@ -119,6 +119,8 @@ class ModelConfig:
 
 @dataclass
 class SamplerConfig:
+    """The E-step sampler (``conf/sampler/hf.yaml``); every backend shares these keys."""
+
     backend: str = "hf"
     num_samples: int = 8  # K samples per training problem
     temperature: float = 0.8
@@ -129,7 +131,23 @@ class SamplerConfig:
         16  # prompts per generate call (x num_samples sequences; small batches are faster on CPU)
     )
     shard_size: int = 500  # problems per parquet shard (the unit of resume)
-    seed: int = 0
+    seed: int = 0  # sample j of a problem is seeded with derive_seed(seed, problem_id) + j
+    stop: list[str] = field(default_factory=list)  # strings that end a completion (cut before them)
+
+
+@dataclass
+class VllmSamplerConfig(SamplerConfig):
+    """vLLM engine settings on top of the shared keys (``conf/sampler/vllm.yaml``, factory/sampling)."""
+
+    backend: str = "vllm"
+    dtype: str = "auto"  # the weights' dtype in vLLM; the YAML ties it to model.dtype
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.9
+    max_model_len: int | None = None  # null: the model's own limit
+    max_num_seqs: int | None = None  # sequences per engine step; null: vLLM's default
+    enable_prefix_caching: bool = True  # a prompt's K samples share its prefilled KV cache
+    enforce_eager: bool | None = None  # null: true on CPU (vLLM's CPU build), false (CUDA graphs) on GPUs
+    cpu_kvcache_space: int = 1  # GiB of KV cache on vLLM's CPU build (VLLM_CPU_KVCACHE_SPACE)
 
 
 @dataclass
@@ -190,7 +208,7 @@ class RestemConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     task: Any = MISSING
     model: ModelConfig = field(default_factory=ModelConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler: Any = MISSING  # SamplerConfig or VllmSamplerConfig, picked by conf/sampler/*.yaml
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -204,6 +222,8 @@ def register_configs() -> None:
     cs.store(group="task", name="arith_schema", node=ArithTaskConfig)
     cs.store(group="task", name="math_task_schema", node=MathTaskConfig)
     cs.store(group="task", name="code_task_schema", node=CodeTaskConfig)
+    cs.store(group="sampler", name="hf_schema", node=SamplerConfig)
+    cs.store(group="sampler", name="vllm_schema", node=VllmSamplerConfig)
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:
@@ -221,7 +241,7 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
 
 
 _CHOICES = {
-    "sampler.backend": ("hf",),
+    "sampler.backend": ("hf", "vllm"),
     "task.strictness": ("answer", "steps"),
     "task.source": ("local", "hub"),
     "task.prompt_style": ("plain", "fewshot", "chat"),

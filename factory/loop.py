@@ -18,7 +18,7 @@ from factory.audit import audit_iteration, format_audit
 from factory.base_model import ensure_base_model
 from factory.config import hydra_entry, validate
 from factory.rundir import RunDir, read_json, write_json
-from factory.sample import policy_path, sample_problems
+from factory.sample import policy_draw, policy_path, sample_problems
 from factory.snapshot import build_snapshot
 from factory.tasks import build_task
 from factory.verify import verify_samples
@@ -64,6 +64,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, task, start: float) -> list[dict]:
                 out_dir=run_dir.stage(k, "eval"),
                 dtype=cfg.model.dtype,
                 label=f"eval {k}",
+                sampler_settings=cfg.sampler,
             )
         return read_json(run_dir.stage(k, "eval") / "metrics.json")
 
@@ -114,7 +115,7 @@ def _iteration(cfg: DictConfig, run_dir: RunDir, task, problems: list[dict], bas
         from factory.models import load_model, load_tokenizer
 
         sample_problems(
-            model=load_model(policy, dtype=cfg.model.dtype),
+            model=None if cfg.sampler.backend == "vllm" else load_model(policy, dtype=cfg.model.dtype),
             tokenizer=load_tokenizer(policy),
             task=task,
             problems=problems,
@@ -122,6 +123,7 @@ def _iteration(cfg: DictConfig, run_dir: RunDir, task, problems: list[dict], bas
             settings=cfg.sampler,
             policy=str(policy),
             iteration=k,
+            draw=policy_draw(run_dir, k),
         )
     if not run_dir.is_done(k, "verdicts"):
         verify_samples(

@@ -74,3 +74,26 @@ def tiny_model_and_tokenizer():
         seed=0,
     )
     return model, tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_model_and_tokenizer):
+    """``tiny_model_and_tokenizer`` saved with save_pretrained (what vLLM loads)."""
+    model, tok = tiny_model_and_tokenizer
+    path = tmp_path_factory.mktemp("tiny_model")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def vllm_sampler(tiny_model_dir, tiny_model_and_tokenizer):
+    """One vLLM engine (a child process) on the tiny model for the whole session: start-up is slow."""
+    from omegaconf import OmegaConf
+
+    from factory.config import VllmSamplerConfig
+    from factory.sample import open_vllm
+
+    settings = OmegaConf.structured(VllmSamplerConfig(dtype="float32"))
+    with open_vllm(tiny_model_dir, tokenizer=tiny_model_and_tokenizer[1], settings=settings) as sampler:
+        yield sampler

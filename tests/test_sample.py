@@ -6,6 +6,7 @@ import contextlib
 import functools
 
 import polars as pl
+import pytest
 import torch
 from omegaconf import OmegaConf
 
@@ -40,7 +41,7 @@ def test_generate_shapes_seeding_and_greedy(tiny_model_and_tokenizer):
     greedy = generate(model, tok, prompts, num_samples=1, temperature=0.0, seed=0, **kw)
     # Greedy output does not depend on batching or on the other prompts in the batch.
     alone = generate(model, tok, prompts[1:2], num_samples=1, temperature=0.0, seed=0, **kw)
-    assert greedy[1] == alone[0]
+    assert [g["completion"] for g in greedy[1]] == [a["completion"] for a in alone[0]]
 
 
 def test_sample_problems_writes_and_resumes_shards(tmp_path, tiny_model_and_tokenizer, monkeypatch):
@@ -99,23 +100,137 @@ def test_sample_problems_writes_and_resumes_shards(tmp_path, tiny_model_and_toke
     assert read_json(out / "stage.json")["num_samples"] == 30
 
 
-def test_shared_prefix_matches_plain_generate(tiny_model_and_tokenizer):
-    """Prefilling each prompt once and repeating its cache K times gives the same tokens as K copies."""
-    from factory.sample import _generate_shared_prefix
+def test_hf_greedy_matches_transformers_generate(tiny_model_and_tokenizer):
+    """The own decode loop (shared prefix, dropped finished rows) gives transformers' greedy tokens."""
+    model, tok = tiny_model_and_tokenizer
+    prompts = ["Q: a\nA: ", "Q: a longer one\nA: ", "Q: 3+4\nA: "]
+    ours = generate(model, tok, prompts, num_samples=3, temperature=0.0, max_new_tokens=10, batch_size=2)
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    ref = model.generate(
+        **enc,
+        do_sample=False,
+        max_new_tokens=10,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    for per, row in zip(ours, ref[:, enc["input_ids"].shape[1] :].tolist(), strict=True):
+        n = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row)
+        assert [s["completion"] for s in per] == [tok.decode(row[:n], skip_special_tokens=True)] * 3
+        assert per[0]["num_tokens"] == n
+
+
+def test_hf_sample_j_depends_only_on_its_seed(tiny_model_and_tokenizer):
+    """Sample j of a prompt is the same for any K, batch size, prompt order and batch company."""
+    model, tok = tiny_model_and_tokenizer
+    prompts = [f"Q: {x}\nA: " for x in ("a", "bb 2", "ccc", "a longer prompt", "5")]
+    seeds = [11, 2000, 3_000_000, 7, 2**31 - 2]
+    kw = {"temperature": 1.0, "top_k": 20, "top_p": 0.95, "max_new_tokens": 12, "progress": False}
+    four = generate(model, tok, prompts, num_samples=4, batch_size=5, seeds=seeds, **kw)
+    two = generate(model, tok, prompts, num_samples=2, batch_size=2, seeds=seeds, **kw)
+    assert [per[:2] for per in four] == two
+    rev = generate(model, tok, prompts[::-1], num_samples=4, batch_size=1, seeds=seeds[::-1], **kw)
+    assert rev[::-1] == four
+    alone = generate(model, tok, prompts[3:4], num_samples=3, batch_size=1, seeds=seeds[3:4], **kw)
+    assert alone[0] == four[3][:3]
+    assert [[s["seed"] for s in per] for per in four] == [[s + j for j in range(4)] for s in seeds]
+    assert all(len({s["completion"] for s in per}) == 4 for per in four), "samples at T=1 should differ"
+
+
+def test_gumbel_max_samples_the_filtered_distribution():
+    """Seeded Gumbel-max draws follow softmax(logits / T) after top-k / top-p masking."""
+    from factory.sampling.hf import pick_tokens
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    rows = 20000
+    logits = probs.log().expand(rows, -1)
+    seeds = torch.arange(rows) * 7919
+
+    def freq(**kw):
+        tokens = pick_tokens(logits, seeds=seeds, step=3, **kw)
+        return torch.bincount(tokens, minlength=4).float() / rows
+
+    assert torch.allclose(freq(temperature=1.0, top_k=0, top_p=1.0), probs, atol=0.015)
+    assert torch.allclose(
+        freq(temperature=1.0, top_k=2, top_p=1.0), torch.tensor([0.625, 0.375, 0, 0]), atol=0.015
+    )
+    # top_p=0.9 keeps the smallest head holding 90%: the first three tokens.
+    kept = probs[:3] / probs[:3].sum()
+    assert torch.allclose(freq(temperature=1.0, top_k=0, top_p=0.9)[:3], kept, atol=0.015)
+    sharp = (probs.log() / 0.5).softmax(-1)
+    assert torch.allclose(freq(temperature=0.5, top_k=0, top_p=1.0), sharp, atol=0.015)
+    other_step = pick_tokens(logits, seeds=seeds, step=4, temperature=1.0, top_k=0, top_p=1.0)
+    assert not torch.equal(
+        other_step, pick_tokens(logits, seeds=seeds, step=3, temperature=1.0, top_k=0, top_p=1.0)
+    )
+
+
+def test_hf_stop_strings_cut_completions(tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    prompts = ["Q: a\nA: ", "Q: 3+4\nA: "]
+    kw = {"num_samples": 3, "temperature": 1.0, "max_new_tokens": 16, "batch_size": 2, "seeds": [1, 2]}
+    full = generate(model, tok, prompts, **kw)
+    cut = generate(model, tok, prompts, stop=["a", "1"], **kw)
+    for per_full, per_cut in zip(full, cut, strict=True):
+        for f, c in zip(per_full, per_cut, strict=True):
+            at = min((f["completion"].find(s) for s in ("a", "1") if s in f["completion"]), default=-1)
+            if at < 0:
+                assert c == f
+            else:
+                assert c["completion"] == f["completion"][:at] and c["finish_reason"] == "stop"
+                assert c["num_tokens"] == len(tok(f["completion"][: at + 1])["input_ids"]) - 1  # minus <s>
+
+
+def test_sample_shards_do_not_change_samples(tmp_path, tiny_model_and_tokenizer):
+    """Shard size and K do not change sample j of a problem; the seed column is its per-sample seed."""
+    from factory.sample import problem_seed
 
     model, tok = tiny_model_and_tokenizer
-    enc = tok(["Q: a\nA: ", "Q: a longer one\nA: "], return_tensors="pt", padding=True)
-    kw = {
-        "max_new_tokens": 10,
-        "pad_token_id": tok.pad_token_id,
-        "eos_token_id": tok.eos_token_id,
-        "do_sample": False,
-    }
-    shared = _generate_shared_prefix(model, dict(enc), num_samples=3, **kw)
-    repeated = {k: v.repeat_interleave(3, dim=0) for k, v in enc.items()}
-    plain = model.generate(**repeated, **kw)
-    assert shared.tolist() == plain.tolist()
-    torch.manual_seed(5)
-    sampled = _generate_shared_prefix(model, dict(enc), num_samples=3, **{**kw, "do_sample": True})
-    torch.manual_seed(5)
-    assert sampled.tolist() == model.generate(**repeated, **{**kw, "do_sample": True}).tolist()
+    frames = []
+    for name, k, shard, batch in (("a", 4, 4, 3), ("b", 2, 3, 2)):
+        settings = OmegaConf.merge(
+            OmegaConf.structured(SamplerConfig),
+            {
+                "num_samples": k,
+                "max_new_tokens": 8,
+                "batch_size": batch,
+                "shard_size": shard,
+                "temperature": 1.0,
+            },
+        )
+        out = tmp_path / name / "samples"
+        sample_problems(
+            model=model, tokenizer=tok, task=_Task(), problems=_problems(7), out_dir=out, settings=settings,
+            policy="p0", iteration=1,
+        )  # fmt: skip
+        frames.append(pl.read_parquet(sorted(out.glob("shard-*.parquet"))).sort("problem_id", "sample_idx"))
+    four, two = frames
+    assert four.filter(pl.col("sample_idx") < 2).equals(two)
+    expected = [problem_seed(0, p) + j for p, j in zip(four["problem_id"], four["sample_idx"], strict=True)]
+    assert four["seed"].to_list() == expected
+
+
+def test_policy_draw_counts_repeated_e_steps_of_one_policy():
+    """After an empty snapshot the next E-step samples the same policy again: it must draw new seeds."""
+    from factory.sample import policy_draw, problem_seed
+
+    class _Run:
+        def __init__(self, models):
+            self.models = models
+
+        def is_done(self, k, stage):
+            return stage == "model" and k in self.models
+
+    assert [policy_draw(_Run({1, 2}), k) for k in (1, 2, 3)] == [0, 0, 0]
+    assert [policy_draw(_Run({1}), k) for k in (2, 3, 4)] == [0, 1, 2]  # iterations 2, 3 trained nothing
+    assert policy_draw(_Run(set()), 3) == 2
+    assert problem_seed(0, "p1", 0) == problem_seed(0, "p1") != problem_seed(0, "p1", 1)
+
+
+def test_vllm_sampler_config_composes(make_cfg):
+    cfg = make_cfg("sampler=vllm", "sampler.tensor_parallel_size=2")
+    assert cfg.sampler.backend == "vllm" and cfg.sampler.tensor_parallel_size == 2
+    assert cfg.sampler.dtype == cfg.model.dtype and cfg.sampler.num_samples == 4  # the test shrink applies
+    with pytest.raises(Exception, match="gpu_memory_utilisation"):
+        make_cfg("sampler=vllm", "sampler.gpu_memory_utilisation=0.5")
+    with pytest.raises(Exception, match="tensor_parallel_size"):
+        make_cfg("sampler.tensor_parallel_size=2")  # an hf sampler has no engine keys

