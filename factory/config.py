@@ -107,6 +107,7 @@ class SamplerConfig:
     )
     shard_size: int = 500  # problems per parquet shard (the unit of resume)
     seed: int = 0
+    cache: bool = True  # reuse samples of the same policy/problems/settings (factory/sample_cache.py)
 
 
 @dataclass
