@@ -74,7 +74,9 @@ def write_parquet(snap: Snapshot, dest: Path):
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     ds.to_parquet(str(tmp))
     os.replace(tmp, dest)
-    splits = SplitDict({"train": SplitInfo(name="train", num_examples=len(ds), num_bytes=dest.stat().st_size)})
+    splits = SplitDict(
+        {"train": SplitInfo(name="train", num_examples=len(ds), num_bytes=dest.stat().st_size)}
+    )
     return DatasetInfo(features=ds.features, splits=splits)
 
 
@@ -86,9 +88,7 @@ def card_infos(card_data: dict) -> dict:
     return dict(DatasetInfosDict.from_dataset_card_data(DatasetCardData(**card_data)))
 
 
-def export_run(
-    run_dir: str | Path, out_dir: str | Path, *, prefix: str = "", license: str = "other"
-) -> dict:
+def export_run(run_dir: str | Path, out_dir: str | Path, *, prefix: str = "", license: str = "other") -> dict:
     """Exports every finished snapshot of ``run_dir`` into ``out_dir`` (Hub layout, card merged).
 
     Returns:

@@ -25,7 +25,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from factory.card import render_card
-from factory.export import PARQUET_NAME, card_infos, data_files, export_run, run_snapshots, split_new, write_parquet
+from factory.export import (
+    PARQUET_NAME,
+    card_infos,
+    data_files,
+    export_run,
+    run_snapshots,
+    split_new,
+    write_parquet,
+)
 
 RETRY_STATUSES = (412, 429)
 
@@ -74,10 +82,17 @@ def publish_run(
                 existing = _remote_configs(card, files)
                 new = split_new(snapshots, existing, f"Hub dataset {repo_id}")
                 if not new:
-                    return {"pushed": [], "skipped": [s.config for s in snapshots], "attempts": attempt, "commit": None}
+                    return {
+                        "pushed": [],
+                        "skipped": [s.config for s in snapshots],
+                        "attempts": attempt,
+                        "commit": None,
+                    }
                 entries = {**existing, **{s.config: s.lineage for s in new}}
                 all_infos = {**card_infos(card), **{s.config: infos[s.config] for s in new}}
-                readme = render_card(entries, data_files=data_files(entries), infos=all_infos, license=license)
+                readme = render_card(
+                    entries, data_files=data_files(entries), infos=all_infos, license=license
+                )
                 operations = [
                     CommitOperationAdd(f"{s.config}/{PARQUET_NAME}", str(Path(tmp) / s.config / PARQUET_NAME))
                     for s in new

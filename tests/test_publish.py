@@ -48,7 +48,13 @@ def _fake_run(root, versions: dict[int, str], *, n: int = 3):
             out_dir=root / f"iter_{k}" / "dataset",
             max_per_problem=10,
             dedupe=True,
-            lineage={"iteration": k, "task": "arith", "base_model": "base", "policy": "pol", "version": version},
+            lineage={
+                "iteration": k,
+                "task": "arith",
+                "base_model": "base",
+                "policy": "pol",
+                "version": version,
+            },
             settings={},
         )
     return root
@@ -157,7 +163,9 @@ def _serve(hub: FakeHub):
                 lines = [json.loads(x) for x in raw.decode().splitlines() if x]
                 header = next(x["value"] for x in lines if x["key"] == "header")
                 if header.get("parentCommit") not in (None, hub.sha):
-                    return self._reply("commit", 412, {"error": "A commit has happened since. Please refresh"})
+                    return self._reply(
+                        "commit", 412, {"error": "A commit has happened since. Please refresh"}
+                    )
                 hub.commit(
                     {
                         x["value"]["path"]: base64.b64decode(x["value"]["content"])
@@ -230,7 +238,9 @@ def test_push_gives_up_after_max_attempts_and_needs_a_token(tmp_path, fake_hub, 
     run = _fake_run(tmp_path / "run", {1: "a" * 64})
     fake_hub.fail_next = {"commit": [412, 412, 412]}
     with pytest.raises(HfHubHTTPError):
-        publish.publish_run(run, fake_hub.repo, endpoint=fake_hub.endpoint, max_attempts=3, sleep=lambda s: None)
+        publish.publish_run(
+            run, fake_hub.repo, endpoint=fake_hub.endpoint, max_attempts=3, sleep=lambda s: None
+        )
     assert "README.md" not in fake_hub.files
     monkeypatch.delenv("HF_TOKEN")
     with pytest.raises(ValueError, match="HF_TOKEN"):
