@@ -264,6 +264,7 @@ def hydra_entry(run_fn: Callable[[DictConfig], dict]) -> Callable[[], None]:
         @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
         def _main(cfg: DictConfig) -> None:
             try:
+                _use_sweep_job_dir(cfg)
                 validate(cfg)
                 run_fn(cfg)
             except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
@@ -277,3 +278,13 @@ def hydra_entry(run_fn: Callable[[DictConfig], dict]) -> Callable[[], None]:
         _main()
 
     return main
+
+
+def _use_sweep_job_dir(cfg: DictConfig) -> None:
+    """In a multirun (``restem -m``), each job's run dir is its own sweep subdir, so points never share one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        cfg.paths.run_dir = hydra_cfg.runtime.output_dir
