@@ -114,6 +114,11 @@ def test_two_by_two_sweep_runs_every_point_and_reports_it(tmp_path):
         *SHRINK,
         *EASY_ARITH,
         "name=sweep_test",
+        # Smaller still than the shared shrink: few eval problems and samples, short M-steps.
+        "eval.limit=8",
+        "eval.num_samples=2",
+        "eval.ks=[1,2]",
+        "trainer.max_steps=8",
         f"paths.cache_dir={tmp_path / 'cache'}",
         f"hydra.sweep.dir={sweep}",
         "sampler.num_samples=4,2",
