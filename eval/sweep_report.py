@@ -236,24 +236,29 @@ def _plots(points: list[dict], folder: Path) -> dict[str, Path]:
 
     matplotlib.use("Agg")  # headless machines
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     folder.mkdir(parents=True, exist_ok=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     paths = {}
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    markers = "os^Dv<>p"
     for i, p in enumerate(points):
         c = colours[i % len(colours)]
         iters = _iter_rows(p["rows"])
+        # Shrinking markers keep points that share a prefix of iterations (identical runs) visible.
         ax.plot(
             [int(r["iteration"]) for r in iters],
             [100 * r["greedy_accuracy"] for r in iters],
-            "o-",
+            marker=markers[i % len(markers)],
+            markersize=max(3, 10 - 2 * i),
             color=c,
             label=p["label"],
         )
         if (sft := _sft(p["rows"])) is not None:
             ax.axhline(100 * sft["greedy_accuracy"], ls="--", color=c, alpha=0.6)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     _finish(
         ax, "ReST-EM iteration", "greedy accuracy (%)", "Accuracy per iteration (dashed: SFT on human data)"
     )
