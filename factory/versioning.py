@@ -19,6 +19,7 @@ from factory.rundir import read_json, write_json
 
 VERSION_CHARS = 12  # short id used in names; the manifest keeps the full hash
 FINGERPRINT_FILE = ".restem-fingerprint.json"  # per-folder cache of the weights hash
+RUN_RECORDS = ("stage.json", "train_log.json")
 # Settings that change how fast samples come, never which samples come (per-(problem, sample) seeding).
 SAMPLER_THROUGHPUT_KEYS = ("batch_size", "shard_size", "cache")
 # The verifier's worker count changes its speed, not its verdicts.
@@ -40,8 +41,8 @@ def weights_fingerprint(model_dir: str | Path) -> str:
     if not path.is_dir():
         return digest({"hub_name": str(model_dir)})
     files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    # stage.json holds timings, which differ between two trainings of identical weights.
-    files = [p for p in files if p.name != "stage.json"]
+    # Run records (timings, losses) are not the model: two trainings of identical weights match.
+    files = [p for p in files if p.name not in RUN_RECORDS]
     stamp = [(str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
     cache = path / FINGERPRINT_FILE
     if cache.is_file():
