@@ -133,6 +133,7 @@ class SamplerConfig:
     shard_size: int = 500  # problems per parquet shard (the unit of resume)
     seed: int = 0  # sample j of a problem is seeded with derive_seed(seed, problem_id) + j
     stop: list[str] = field(default_factory=list)  # strings that end a completion (cut before them)
+    cache: bool = True  # reuse samples of the same policy/problems/settings (factory/sample_cache.py)
 
 
 @dataclass
@@ -316,6 +317,7 @@ def hydra_entry(run_fn: Callable[[DictConfig], dict]) -> Callable[[], None]:
         @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
         def _main(cfg: DictConfig) -> None:
             try:
+                _use_sweep_job_dir(cfg)
                 validate(cfg)
                 run_fn(cfg)
             except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
@@ -329,3 +331,13 @@ def hydra_entry(run_fn: Callable[[DictConfig], dict]) -> Callable[[], None]:
         _main()
 
     return main
+
+
+def _use_sweep_job_dir(cfg: DictConfig) -> None:
+    """In a multirun (``restem -m``), each job's run dir is its own sweep subdir, so points never share one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        cfg.paths.run_dir = hydra_cfg.runtime.output_dir

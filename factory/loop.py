@@ -19,9 +19,11 @@ from factory.base_model import ensure_base_model
 from factory.config import hydra_entry, validate
 from factory.rundir import RunDir, read_json, write_json
 from factory.sample import policy_draw, policy_path, sample_problems
+from factory.sample_cache import sample_or_reuse
 from factory.snapshot import build_snapshot
 from factory.tasks import build_task
 from factory.verify import verify_samples
+from factory.versioning import check_snapshot_version, snapshot_identity
 from train.finetune import human_pairs, snapshot_pairs, train_from_base
 
 log = logging.getLogger(__name__)
@@ -111,19 +113,32 @@ def _run(cfg: DictConfig, run_dir: RunDir, task, start: float) -> list[dict]:
 def _iteration(cfg: DictConfig, run_dir: RunDir, task, problems: list[dict], base, k: int) -> None:
     """One E-step -> verify -> snapshot -> M-step; each finished stage is skipped on a rerun."""
     policy = policy_path(run_dir, base, k)
+    identity = snapshot_identity(cfg, policy=policy, problems=problems, iteration=k)
+    check_snapshot_version(run_dir.stage(k, "dataset"), identity["version"], identity["inputs"])
     if not run_dir.is_done(k, "samples"):
-        from factory.models import load_model, load_tokenizer
 
-        sample_problems(
-            model=None if cfg.sampler.backend == "vllm" else load_model(policy, dtype=cfg.model.dtype),
-            tokenizer=load_tokenizer(policy),
-            task=task,
+        def generate() -> dict:
+            from factory.models import load_model, load_tokenizer
+
+            return sample_problems(
+                model=None if cfg.sampler.backend == "vllm" else load_model(policy, dtype=cfg.model.dtype),
+                tokenizer=load_tokenizer(policy),
+                task=task,
+                problems=problems,
+                out_dir=run_dir.stage(k, "samples"),
+                settings=cfg.sampler,
+                policy=str(policy),
+                iteration=k,
+                draw=policy_draw(run_dir, k),
+            )
+
+        sample_or_reuse(
+            cfg,
+            policy=policy,
             problems=problems,
-            out_dir=run_dir.stage(k, "samples"),
-            settings=cfg.sampler,
-            policy=str(policy),
             iteration=k,
-            draw=policy_draw(run_dir, k),
+            out_dir=run_dir.stage(k, "samples"),
+            generate=generate,
         )
     if not run_dir.is_done(k, "verdicts"):
         verify_samples(
@@ -139,7 +154,13 @@ def _iteration(cfg: DictConfig, run_dir: RunDir, task, problems: list[dict], bas
             out_dir=run_dir.stage(k, "dataset"),
             max_per_problem=int(cfg.snapshot.max_per_problem),
             dedupe=bool(cfg.snapshot.dedupe),
-            lineage={"iteration": k, "task": cfg.task.name, "base_model": str(base), "policy": str(policy)},
+            lineage={
+                "iteration": k,
+                "task": cfg.task.name,
+                "base_model": str(base),
+                "policy": str(policy),
+                **identity,
+            },
             settings={
                 n: OmegaConf.to_container(cfg[n], resolve=True) for n in ("task", "sampler", "snapshot")
             },

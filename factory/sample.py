@@ -170,6 +170,7 @@ def run(cfg: DictConfig) -> dict:
     from factory.base_model import ensure_base_model
     from factory.models import load_model, load_tokenizer
     from factory.rundir import RunDir
+    from factory.sample_cache import sample_or_reuse
     from factory.tasks import build_task
 
     run_dir = RunDir(cfg.paths.run_dir)
@@ -179,18 +180,23 @@ def run(cfg: DictConfig) -> dict:
         return {"skipped": str(out)}
     policy = policy_path(run_dir, ensure_base_model(cfg), k)
     task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
-    return sample_problems(
-        # vLLM loads the policy in its own process; the HF backend samples with it here.
-        model=None if cfg.sampler.backend == "vllm" else load_model(policy, dtype=cfg.model.dtype),
-        tokenizer=load_tokenizer(policy),
-        task=task,
-        problems=task.load_problems(split="train"),
-        out_dir=out,
-        settings=cfg.sampler,
-        policy=str(policy),
-        iteration=k,
-        draw=policy_draw(run_dir, k),
-    )
+    problems = task.load_problems(split="train")
+
+    def generate() -> dict:
+        return sample_problems(
+            # vLLM loads the policy in its own process; the HF backend samples with it here.
+            model=None if cfg.sampler.backend == "vllm" else load_model(policy, dtype=cfg.model.dtype),
+            tokenizer=load_tokenizer(policy),
+            task=task,
+            problems=problems,
+            out_dir=out,
+            settings=cfg.sampler,
+            policy=str(policy),
+            iteration=k,
+            draw=policy_draw(run_dir, k),
+        )
+
+    return sample_or_reuse(cfg, policy=policy, problems=problems, iteration=k, out_dir=out, generate=generate)
 
 
 main = hydra_entry(run)

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import polars as pl
-import yaml
 from omegaconf import DictConfig
 
 from factory.config import hydra_entry
@@ -107,43 +106,15 @@ def build_snapshot(
 
 
 def dataset_card(manifest: dict) -> str:
-    """A Hub-style dataset card: YAML metadata block, then the lineage in prose."""
-    n = manifest["num_kept"]
-    size = "n<1K" if n < 1_000 else "1K<n<10K" if n < 10_000 else "10K<n<100K" if n < 100_000 else "100K<n<1M"
-    meta = {
-        "pretty_name": f"ReST-EM snapshot, iteration {manifest['iteration']}",
-        "tags": ["rest-em", "self-training", "synthetic", "verified"],
-        "task_categories": ["text-generation"],
-        "size_categories": [size],
-        "configs": [
-            {
-                "config_name": f"iter_{manifest['iteration']}",
-                "data_files": [{"split": "train", "path": "train/*.arrow"}],
-            }
-        ],
-    }
-    statuses = ", ".join(f"{k}: {v}" for k, v in manifest["status_counts"].items())
-    body = f"""
-# ReST-EM snapshot: iteration {manifest["iteration"]}
+    """A Hub-format dataset card (YAML metadata with the lineage, then prose) for one snapshot folder."""
+    from factory.card import lineage, render_card
 
-Self-generated solutions that passed the verifier, made by the ReST-EM factory (Singh et al. 2023,
-"Beyond Human Data"). Only solutions judged correct are kept.
-
-| field | value |
-|---|---|
-| task | {manifest.get("task")} |
-| base model | {manifest.get("base_model")} |
-| sampling policy (parent) | {manifest.get("policy")} |
-| iteration | {manifest["iteration"]} |
-| samples judged | {manifest["num_samples"]} ({statuses}) |
-| correct / after dedupe / kept | {manifest["num_correct"]} / {manifest["num_after_dedupe"]} / {n} |
-| cap per problem | {manifest["max_per_problem"]} (dedupe: {manifest["dedupe"]}) |
-| problems with a kept solution | {manifest["num_problems_solved"]} of {manifest["num_problems"]} |
-| fingerprint | `{manifest["fingerprint"]}` |
-
-Load it with `datasets.load_from_disk(path)["train"]`.
-"""
-    return "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n" + body
+    name = f"iter_{manifest['iteration']}"
+    return render_card(
+        {name: lineage(manifest)},
+        data_files={name: "train/*.arrow"},  # the save_to_disk layout
+        title=f"ReST-EM snapshot, iteration {manifest['iteration']}",
+    )
 
 
 def run(cfg: DictConfig) -> dict:
@@ -152,10 +123,21 @@ def run(cfg: DictConfig) -> dict:
     from factory.base_model import ensure_base_model
     from factory.rundir import RunDir
     from factory.sample import policy_path
+    from factory.tasks import build_task
+    from factory.versioning import check_snapshot_version, snapshot_identity
 
     run_dir = RunDir(cfg.paths.run_dir)
     k = int(cfg.iteration)
     out = run_dir.stage(k, "dataset")
+    base = ensure_base_model(cfg)
+    policy = policy_path(run_dir, base, k)
+    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
+    try:
+        problems = task.load_problems(split="train")
+    finally:
+        task.close()
+    identity = snapshot_identity(cfg, policy=policy, problems=problems, iteration=k)
+    check_snapshot_version(out, identity["version"], identity["inputs"])  # never overwritten
     if (out / STAGE_FILE).exists():
         return {"skipped": str(out)}
     for stage in ("samples", "verdicts"):
@@ -163,7 +145,6 @@ def run(cfg: DictConfig) -> dict:
             raise FileNotFoundError(
                 f"{run_dir.stage(k, stage)} is not finished: run the loop or that stage first"
             )
-    base = ensure_base_model(cfg)
     settings = {
         name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("task", "sampler", "snapshot")
     }
@@ -177,7 +158,8 @@ def run(cfg: DictConfig) -> dict:
             "iteration": k,
             "task": cfg.task.name,
             "base_model": str(base),
-            "policy": str(policy_path(run_dir, base, k)),
+            "policy": str(policy),
+            **identity,
         },
         settings=settings,
     )
