@@ -21,7 +21,18 @@ VERSION_CHARS = 12  # short id used in names; the manifest keeps the full hash
 FINGERPRINT_FILE = ".restem-fingerprint.json"  # per-folder cache of the weights hash
 RUN_RECORDS = ("stage.json", "train_log.json")
 # Settings that change how fast samples come, never which samples come (per-(problem, sample) seeding).
-SAMPLER_THROUGHPUT_KEYS = ("batch_size", "shard_size", "cache")
+SAMPLER_THROUGHPUT_KEYS = (
+    "batch_size",
+    "shard_size",
+    "cache",
+    # vLLM engine settings that change its speed and memory, not the samples it draws.
+    "tensor_parallel_size",
+    "gpu_memory_utilization",
+    "max_num_seqs",
+    "enable_prefix_caching",
+    "enforce_eager",
+    "cpu_kvcache_space",
+)
 # The verifier's worker count changes its speed, not its verdicts.
 TASK_THROUGHPUT_KEYS = ("verifier_workers",)
 

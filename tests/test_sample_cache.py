@@ -27,7 +27,7 @@ def _boom(*args, **kwargs):
 def _per_sample_sampler(calls: list[int]):
     """A stand-in ``sample_problems``: sample j of a problem is a function of (problem, j) only."""
 
-    def fake(*, model, tokenizer, task, problems, out_dir, settings, policy, iteration):
+    def fake(*, model, tokenizer, task, problems, out_dir, settings, policy, iteration, draw=0, sampler=None):
         calls.append(int(settings.num_samples))
         rows = []
         for p in problems:
@@ -125,9 +125,7 @@ def test_fewer_samples_are_served_from_a_larger_run(make_point, tmp_path, monkey
 
 
 @pytest.mark.slow
-def test_rerunning_a_point_generates_nothing_and_gives_the_same_snapshot(
-    make_cfg, easy_arith, tmp_path, monkeypatch
-):
+def test_rerunning_a_point_or_fewer_samples_generates_nothing(make_cfg, easy_arith, tmp_path, monkeypatch):
     first = _sample_verify_snapshot(_point(make_cfg, tmp_path, "a", *easy_arith))  # the real HF sampler
     assert first["sample"]["generated"] == 160 and first["manifest"]["num_kept"] > 0
     monkeypatch.setattr(sample, "sample_problems", _boom)
@@ -137,6 +135,22 @@ def test_rerunning_a_point_generates_nothing_and_gives_the_same_snapshot(
     assert again["manifest"]["version"] == first["manifest"]["version"]
     assert again["manifest"]["name"] == first["manifest"]["name"]
     assert _rows(again["run"]) == _rows(first["run"])
+    # Fewer samples than the cached run, with the real sampler: served from the cache, and equal to a
+    # fresh run of the smaller point (sample j of a problem does not depend on K).
+    small = _sample_verify_snapshot(_point(make_cfg, tmp_path, "c", *easy_arith, "sampler.num_samples=2"))
+    assert small["sample"]["generated"] == 0
+    monkeypatch.undo()
+    fresh = _sample_verify_snapshot(
+        _point(make_cfg, tmp_path, "d", *easy_arith, "sampler.num_samples=2", "sampler.cache=false")
+    )
+    assert fresh["sample"]["generated"] == 80
+    cols = ["problem_id", "sample_idx", "completion", "num_tokens", "finish_reason", "seed"]
+    assert (
+        read_shards(small["run"].stage(1, "samples"))
+        .select(cols)
+        .equals(read_shards(fresh["run"].stage(1, "samples")).select(cols))
+    )
+    assert _rows(small["run"]) == _rows(fresh["run"])
 
 
 def test_a_finished_snapshot_is_never_overwritten(make_point, monkeypatch):
