@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from eval.metrics import aggregate, problem_metrics
 from factory.config import hydra_entry
+from factory.faults import kill_point
 from factory.rundir import STAGE_FILE, atomic_dir, mark_done, write_json
 
 
@@ -56,6 +57,7 @@ def evaluate_model(
         batch_size=batch * n,
         desc=f"{label} greedy",
     )
+    kill_point("eval.generate")
     sampled = generate(
         model,
         tokenizer,

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from factory.config import hydra_entry
+from factory.faults import kill_point
 from factory.rundir import STAGE_FILE, mark_done
 
 log = logging.getLogger(__name__)
@@ -194,6 +195,7 @@ def sample_problems(
             seed=seed,
             desc=f"shard {shard_no}",
         )
+        kill_point("sample.shard")
         rows = [
             {
                 "problem_id": p["problem_id"],

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from factory.config import hydra_entry
+from factory.faults import kill_point
 from factory.rundir import STAGE_FILE, mark_done, read_parquet, read_shards
 
 VERDICT_SCHEMA = {
@@ -59,6 +60,7 @@ def verify_samples(*, task, problems: list[dict], samples_dir: Path, out_dir: Pa
             tmp = target.with_suffix(".parquet.tmp")
             frame.write_parquet(tmp)
             os.replace(tmp, target)
+            kill_point("verify.shard")
     verdicts = read_shards(work)
     for status, n in verdicts.group_by("status").len().iter_rows():
         counts[status] = n

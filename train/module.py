@@ -5,6 +5,8 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from factory.faults import kill_point
+
 
 def warmup_linear_decay(step: int, *, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
     """LR multiplier: linear warmup to 1, then linear decay to ``min_lr_ratio`` at ``max_steps``."""
@@ -34,6 +36,7 @@ class CausalLMModule(L.LightningModule):
         self.model.train()
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        kill_point("train.step")
         loss = self.model(**batch).loss
         self.losses.append(float(loss.detach()))
         self.log("loss", loss, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
