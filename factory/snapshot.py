@@ -129,7 +129,11 @@ def build_snapshot(
     # Our content fingerprint names the dataset: datasets would otherwise hash the whole table (seconds).
     dataset = Dataset(InMemoryTable(kept.to_arrow()), fingerprint=manifest["fingerprint"][:32])
     with atomic_dir(Path(out_dir)) as tmp:
-        DatasetDict({"train": dataset}).save_to_disk(str(tmp))
+        # One shard even when empty: datasets writes no file for an empty dataset by default, and then
+        # cannot load it back.
+        DatasetDict({"train": dataset}).save_to_disk(
+            str(tmp), num_shards={"train": 1} if kept.is_empty() else None
+        )
         kill_point("snapshot.write")
         write_json(tmp / "manifest.json", manifest)
         write_text(tmp / "README.md", dataset_card(manifest))
