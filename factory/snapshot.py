@@ -41,15 +41,14 @@ def select_kept(
     samples, verdicts = samples.lazy(), verdicts.lazy()
     sample_columns = samples.collect_schema().names()
     extra = [c for c in verdicts.collect_schema().names() if c not in sample_columns]
-    num_samples, num_verdicts, num_matched, statuses, num_problems = (
-        frame.collect()
-        for frame in (
+    num_samples, num_verdicts, num_matched, statuses, num_problems = pl.collect_all(
+        [
             samples.select(pl.len()),
             verdicts.select(pl.len()),
             samples.select(key).join(verdicts.select(key), on=key, how="inner").select(pl.len()),
             verdicts.group_by("status").len(),
             samples.select(pl.col("problem_id").n_unique()),
-        )
+        ]
     )
     num_samples, num_verdicts = num_samples.item(), num_verdicts.item()
     if num_samples != num_verdicts:
