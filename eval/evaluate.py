@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from eval.metrics import aggregate, problem_metrics
 from factory.config import hydra_entry
+from factory.faults import kill_point
 from factory.rundir import STAGE_FILE, atomic_dir, mark_done, write_json
 
 
@@ -59,6 +60,7 @@ def evaluate_model(
     if sampler_settings is not None and sampler_settings.backend == "vllm":
         with open_vllm(model_path, tokenizer=tokenizer, settings=sampler_settings) as vllm:
             greedy = vllm.generate(prompts, seeds=[0] * len(prompts), **greedy_kw)
+            kill_point("eval.generate")
             sampled = vllm.generate(prompts, **sampled_kw)
     else:
         model = load_model(model_path, dtype=dtype)
@@ -66,6 +68,7 @@ def evaluate_model(
         greedy = generate(
             model, tokenizer, prompts, batch_size=batch * n, desc=f"{label} greedy", **greedy_kw
         )
+        kill_point("eval.generate")
         sampled = generate(model, tokenizer, prompts, batch_size=batch, desc=f"{label} pass@k", **sampled_kw)
     greedy_verdicts = task.verify(problems, [g[0]["completion"] for g in greedy], strictness="answer")
     flat_problems = [p for p, s in zip(problems, sampled, strict=True) for _ in s]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from factory.rundir import read_shards
+from factory.rundir import scan_shards
 
 
 def audit_iteration(
@@ -23,17 +23,23 @@ def audit_iteration(
         sample_idx, completion, detail}]}}``; completions are cut to ``max_chars``.
     """
     key = ["problem_id", "sample_idx"]
-    samples = read_shards(samples_dir, columns=[*key, "completion"])
-    verdicts = read_shards(verdicts_dir, columns=[*key, "status", "detail"])
-    joined = samples.join(verdicts, on=key, how="inner").sort(key)
-    counts = dict(sorted(joined.group_by("status").len().iter_rows()))
+    # Lazy scans: the counts read the status column only, and only the examples' completions are loaded.
+    samples = scan_shards(samples_dir).select([*key, "completion"])
+    verdicts = scan_shards(verdicts_dir).select([*key, "status", "detail"])
+    joined = samples.select(key).join(verdicts, on=key, how="inner")
+    counts = dict(sorted(joined.group_by("status").len().collect().iter_rows()))
+    picked = joined.sort(key).group_by("status", maintain_order=True).head(examples_per_status).collect()
+    texts = samples.join(picked.lazy().select(key), on=key, how="semi").collect()
+    rows = picked.join(texts, on=key, how="left").sort(key)
     examples = {}
     for status in counts:
-        rows = joined.filter(pl.col("status") == status).head(examples_per_status)
         examples[status] = [
-            {**row, "completion": _cut(row["completion"], max_chars)} for row in rows.iter_rows(named=True)
+            {**row, "completion": _cut(row["completion"], max_chars)}
+            for row in rows.filter(pl.col("status") == status)
+            .select([*key, "completion", "status", "detail"])
+            .iter_rows(named=True)
         ]
-    return {"num_samples": joined.height, "status_counts": counts, "examples": examples}
+    return {"num_samples": sum(counts.values()), "status_counts": counts, "examples": examples}
 
 
 def _cut(text: str | None, max_chars: int) -> str:

@@ -85,7 +85,7 @@ def build_tiny_model(
 
 def load_tokenizer(path: str | Path):
     """Loads a tokenizer by Hub name or folder, left-padded for batched generation."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = _from_pretrained(AutoTokenizer, path)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -96,5 +96,20 @@ def load_model(path: str | Path, *, dtype: str = "float32"):
     """Loads a causal LM by Hub name or folder; a missing local folder is a clear error."""
     path_str = str(path)
     if (path_str.startswith((".", "/", "~")) or Path(path_str).exists()) and not Path(path_str).is_dir():
-        raise FileNotFoundError(f"model folder not found: {path_str}")
-    return AutoModelForCausalLM.from_pretrained(path_str, dtype=getattr(torch, dtype))
+        raise FileNotFoundError(f"model folder not found: {path_str} (check model.name_or_path)")
+    return _from_pretrained(AutoModelForCausalLM, path_str, dtype=getattr(torch, dtype))
+
+
+def _from_pretrained(cls, path: str | Path, **kwargs):
+    """``cls.from_pretrained`` with a missing model named in one line (transformers raises OSError)."""
+    path_str = str(path)
+    if path_str.startswith((".", "/", "~")) and not Path(path_str).expanduser().is_dir():
+        raise FileNotFoundError(f"model folder not found: {path_str} (check model.name_or_path)")
+    try:
+        return cls.from_pretrained(path_str, **kwargs)
+    except OSError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise FileNotFoundError(
+            f"model {path_str!r} not found: not a local folder with a saved model, and not loadable from "
+            f"the Hugging Face Hub ({first}); check model.name_or_path"
+        ) from err

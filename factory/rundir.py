@@ -67,6 +67,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    _remove_stale_tmp(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -81,6 +82,24 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             raise FileExistsError(f"{final} is a finished stage and is never overwritten")
         shutil.rmtree(final)
     os.replace(tmp, final)
+
+
+def _remove_stale_tmp(final: Path) -> None:
+    """Removes temporary siblings of ``final`` left by killed processes (their pid no longer runs)."""
+    for leftover in final.parent.glob(f".{final.name}.tmp-*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    return True
 
 
 def mark_done(stage_dir: Path, *, seconds: float, **info: Any) -> None:
@@ -120,6 +139,23 @@ def read_parquet(path: Path, columns: list[str] | None = None):
         raise ValueError(
             f"corrupt parquet shard {path}: {err}. Delete it and rerun to regenerate it."
         ) from err
+
+
+def scan_shards(stage_dir: Path):
+    """A lazy scan over a stage's ``shard-*.parquet`` files in order; a damaged footer is named now."""
+    import polars as pl
+
+    paths = sorted(Path(stage_dir).glob("shard-*.parquet"))
+    if not paths:
+        raise FileNotFoundError(f"no parquet shards in {stage_dir}")
+    for path in paths:
+        try:
+            pl.read_parquet_schema(path)  # the footer only: cheap, and catches truncated or foreign files
+        except Exception as err:
+            raise ValueError(
+                f"corrupt parquet shard {path}: {err}. Delete it and rerun to regenerate it."
+            ) from err
+    return pl.scan_parquet(paths)
 
 
 def read_shards(stage_dir: Path, columns: list[str] | None = None):

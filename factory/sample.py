@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from factory.config import hydra_entry
+from factory.faults import kill_point
 from factory.rundir import STAGE_FILE, mark_done
 from factory.sampling.hf import generate
 
@@ -108,6 +109,7 @@ def sample_problems(
                     desc=f"shard {shard_no}",
                     **kwargs,
                 )
+            kill_point("sample.shard")
             rows = [
                 {"problem_id": p["problem_id"], "sample_idx": j, "prompt": prompt, **s, "policy": policy}
                 for p, prompt, per_problem in zip(shard, prompts, samples, strict=True)

@@ -15,32 +15,50 @@ import polars as pl
 from omegaconf import DictConfig
 
 from factory.config import hydra_entry
-from factory.rundir import STAGE_FILE, atomic_dir, mark_done, read_shards, write_json, write_text
+from factory.faults import kill_point
+from factory.rundir import STAGE_FILE, atomic_dir, mark_done, scan_shards, write_json, write_text
 
 DATASET_COLUMNS = ["problem_id", "sample_idx", "prompt", "completion", "num_tokens", "answer", "steps_valid"]
 
 
 def select_kept(
-    samples: pl.DataFrame, verdicts: pl.DataFrame, *, max_per_problem: int, dedupe: bool
+    samples: pl.DataFrame | pl.LazyFrame,
+    verdicts: pl.DataFrame | pl.LazyFrame,
+    *,
+    max_per_problem: int,
+    dedupe: bool,
 ) -> tuple[pl.DataFrame, dict]:
     """Joins samples with verdicts and keeps the correct ones, deduplicated and capped per problem.
+
+    Takes frames or lazy scans of the shards: only the correct samples are ever held in memory whole;
+    the counts come from the key and status columns alone.
 
     Returns:
         (kept rows ordered by problem and sample index, counts per status and filter step)
     """
     key = ["problem_id", "sample_idx"]
-    if samples.height != verdicts.height:
-        raise ValueError(
-            f"{samples.height} samples but {verdicts.height} verdicts: verification is incomplete"
-        )
-    joined = samples.join(
-        verdicts.drop([c for c in verdicts.columns if c in samples.columns and c not in key]),
-        on=key,
-        how="inner",
+    samples, verdicts = samples.lazy(), verdicts.lazy()
+    sample_columns = samples.collect_schema().names()
+    extra = [c for c in verdicts.collect_schema().names() if c not in sample_columns]
+    num_samples, num_verdicts, num_matched, statuses, num_problems = pl.collect_all(
+        [
+            samples.select(pl.len()),
+            verdicts.select(pl.len()),
+            samples.select(key).join(verdicts.select(key), on=key, how="inner").select(pl.len()),
+            verdicts.group_by("status").len(),
+            samples.select(pl.col("problem_id").n_unique()),
+        ]
     )
-    if joined.height != samples.height:
+    num_samples, num_verdicts = num_samples.item(), num_verdicts.item()
+    if num_samples != num_verdicts:
+        raise ValueError(f"{num_samples} samples but {num_verdicts} verdicts: verification is incomplete")
+    if num_matched.item() != num_samples:
         raise ValueError("samples and verdicts do not match one to one on (problem_id, sample_idx)")
-    correct = joined.filter(pl.col("reward") > 0).sort(key)
+    correct = (
+        samples.join(verdicts.filter(pl.col("reward") > 0).select(key + extra), on=key, how="inner")
+        .sort(key)
+        .collect()
+    )
     deduped = (
         correct.unique(subset=["problem_id", "completion"], keep="first", maintain_order=True)
         if dedupe
@@ -49,12 +67,12 @@ def select_kept(
     # The paper caps kept solutions per problem (10) so easy problems do not dominate the M-step.
     kept = deduped.filter(pl.int_range(pl.len()).over("problem_id") < max_per_problem)
     counts = {
-        "num_samples": joined.height,
-        "status_counts": dict(sorted(joined.group_by("status").len().iter_rows())),
+        "num_samples": num_samples,
+        "status_counts": dict(sorted(statuses.iter_rows())),
         "num_correct": correct.height,
         "num_after_dedupe": deduped.height,
         "num_kept": kept.height,
-        "num_problems": joined["problem_id"].n_unique(),
+        "num_problems": num_problems.item(),
         "num_problems_solved": kept["problem_id"].n_unique(),
     }
     return kept.select([c for c in DATASET_COLUMNS if c in kept.columns]), counts
@@ -65,7 +83,11 @@ def fingerprint(paths: list[Path], settings: dict) -> str:
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for path in sorted(paths):
         digest.update(path.name.encode())
-        digest.update(hashlib.sha256(path.read_bytes()).digest())
+        file_digest = hashlib.sha256()
+        with open(path, "rb") as handle:  # in chunks: shards can be large
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                file_digest.update(chunk)
+        digest.update(file_digest.digest())
     return digest.hexdigest()
 
 
@@ -79,12 +101,17 @@ def build_snapshot(
     lineage: dict,
     settings: dict,
 ) -> dict:
-    """Writes ``out_dir`` (DatasetDict + card + manifest) atomically and returns the manifest."""
+    """Writes ``out_dir`` (DatasetDict + card + manifest) atomically and returns the manifest.
+
+    The shards are scanned lazily (see :func:`select_kept`), so memory grows with the kept samples, not
+    with everything the E-step generated.
+    """
     from datasets import Dataset, DatasetDict
+    from datasets.table import InMemoryTable
 
     start = time.time()
     kept, counts = select_kept(
-        read_shards(samples_dir), read_shards(verdicts_dir), max_per_problem=max_per_problem, dedupe=dedupe
+        scan_shards(samples_dir), scan_shards(verdicts_dir), max_per_problem=max_per_problem, dedupe=dedupe
     )
     inputs = sorted(Path(samples_dir).glob("shard-*.parquet")) + sorted(
         Path(verdicts_dir).glob("shard-*.parquet")
@@ -97,8 +124,15 @@ def build_snapshot(
         **counts,
         "settings": settings,
     }
+    # Our content fingerprint names the dataset: datasets would otherwise hash the whole table (seconds).
+    dataset = Dataset(InMemoryTable(kept.to_arrow()), fingerprint=manifest["fingerprint"][:32])
     with atomic_dir(Path(out_dir)) as tmp:
-        DatasetDict({"train": Dataset.from_polars(kept)}).save_to_disk(str(tmp))
+        # One shard even when empty: datasets writes no file for an empty dataset by default, and then
+        # cannot load it back.
+        DatasetDict({"train": dataset}).save_to_disk(
+            str(tmp), num_shards={"train": 1} if kept.is_empty() else None
+        )
+        kill_point("snapshot.write")
         write_json(tmp / "manifest.json", manifest)
         write_text(tmp / "README.md", dataset_card(manifest))
         mark_done(tmp, seconds=time.time() - start, num_kept=counts["num_kept"])

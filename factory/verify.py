@@ -14,7 +14,8 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from factory.config import hydra_entry
-from factory.rundir import STAGE_FILE, mark_done, read_parquet, read_shards
+from factory.faults import kill_point
+from factory.rundir import STAGE_FILE, mark_done, read_parquet, scan_shards
 
 VERDICT_SCHEMA = {
     "problem_id": pl.String,
@@ -26,6 +27,47 @@ VERDICT_SCHEMA = {
     "steps_valid": pl.Boolean,
     "test_results": pl.String,  # code tasks: one character per unit test (P / F / -)
 }
+# Longer completions are not judged (status "too_long"): no real solution is this long, and a runaway
+# generation must not stall the verifier (regexes and parsers are at least linear in the text).
+MAX_COMPLETION_CHARS = 100_000
+
+
+def judge(task, problems: list[dict], completions: list) -> list[dict]:
+    """``task.verify`` made safe for any completion: never raises because of what a sample contains.
+
+    Completions over ``MAX_COMPLETION_CHARS`` get status ``too_long`` without being parsed; text that is
+    not valid UTF-8 (lone surrogates from a lenient decode) is judged with the bad characters replaced,
+    and the verdict's text fields are made writable to parquet.
+    """
+    verdicts: list[dict | None] = [None] * len(completions)
+    todo = []
+    for i, text in enumerate(completions):
+        if isinstance(text, str) and len(text) > MAX_COMPLETION_CHARS:
+            verdicts[i] = {
+                "reward": 0.0,
+                "status": "too_long",
+                "detail": f"completion has {len(text):,} characters (> {MAX_COMPLETION_CHARS:,}): not judged",
+                "answer": None,
+                "steps_valid": None,
+            }
+        else:
+            todo.append(i)
+    judged = (
+        task.verify([problems[i] for i in todo], [_valid_utf8(completions[i]) for i in todo]) if todo else []
+    )
+    for i, verdict in zip(todo, judged, strict=True):
+        verdicts[i] = {k: _valid_utf8(v) if isinstance(v, str) else v for k, v in verdict.items()}
+    return verdicts
+
+
+def _valid_utf8(text):
+    if not isinstance(text, str):
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def verify_samples(*, task, problems: list[dict], samples_dir: Path, out_dir: Path) -> dict:
@@ -35,7 +77,6 @@ def verify_samples(*, task, problems: list[dict], samples_dir: Path, out_dir: Pa
     out_dir = Path(out_dir)
     work = out_dir.with_name(f".{out_dir.name}.partial")
     work.mkdir(parents=True, exist_ok=True)
-    counts: dict[str, int] = {}
     shard_paths = sorted(Path(samples_dir).glob("shard-*.parquet"))
     for path in tqdm(shard_paths, desc="verifying", unit="shard"):
         target = work / path.name
@@ -47,7 +88,7 @@ def verify_samples(*, task, problems: list[dict], samples_dir: Path, out_dir: Pa
                     f"{path} has samples of unknown problems (e.g. {sorted(missing)[:3]}): "
                     "the task config changed since sampling; use a new paths.run_dir"
                 )
-            verdicts = task.verify([by_id[i] for i in samples["problem_id"]], samples["completion"].to_list())
+            verdicts = judge(task, [by_id[i] for i in samples["problem_id"]], samples["completion"].to_list())
             frame = pl.DataFrame(
                 [
                     {"problem_id": pid, "sample_idx": idx, **{k: v[k] for k in VERDICT_SCHEMA if k in v}}
@@ -60,12 +101,13 @@ def verify_samples(*, task, problems: list[dict], samples_dir: Path, out_dir: Pa
             tmp = target.with_suffix(".parquet.tmp")
             frame.write_parquet(tmp)
             os.replace(tmp, target)
-    verdicts = read_shards(work)
-    for status, n in verdicts.group_by("status").len().iter_rows():
-        counts[status] = n
-    mark_done(work, seconds=time.time() - start, num_verdicts=verdicts.height, status_counts=counts)
+            kill_point("verify.shard")
+    # Only the status column is read back: the counts stream over the shards.
+    counts = dict(sorted(scan_shards(work).group_by("status").len().collect().iter_rows()))
+    num_verdicts = sum(counts.values())
+    mark_done(work, seconds=time.time() - start, num_verdicts=num_verdicts, status_counts=counts)
     os.replace(work, out_dir)
-    return {"num_verdicts": verdicts.height, "status_counts": counts}
+    return {"num_verdicts": num_verdicts, "status_counts": counts}
 
 
 def run(cfg: DictConfig) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -60,3 +62,21 @@ def test_corrupt_shard_and_json_are_named(tmp_path):
         read_json(tmp_path / "m.json")
     with pytest.raises(FileNotFoundError, match="no parquet shards"):
         read_shards(tmp_path / "empty")
+
+
+def test_leftover_of_a_killed_writer_is_removed(tmp_path):
+    final = tmp_path / "dataset"
+    dead = _dead_pid()
+    stale = tmp_path / f".dataset.tmp-{dead}"
+    stale.mkdir()
+    (stale / "half.arrow").write_text("half")
+    with atomic_dir(final) as tmp:
+        mark_done(tmp, seconds=0)
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid

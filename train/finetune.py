@@ -209,6 +209,11 @@ def run(cfg: DictConfig) -> dict:
             f"no finished snapshot at {dataset_dir}: run restem-snapshot iteration={k} first"
         )
     pairs = snapshot_pairs(dataset_dir)
+    if not pairs and not cfg.loop.include_human_data:
+        raise ValueError(
+            f"the snapshot {dataset_dir} kept 0 samples: nothing to train on (its manifest.json has the "
+            "verdict counts); sample more (sampler.num_samples) or set loop.include_human_data=true"
+        )
     base = ensure_base_model(cfg)
     if cfg.loop.include_human_data:
         from factory.models import load_tokenizer

@@ -8,6 +8,7 @@ import types
 import lightning as L
 import torch
 
+from factory.faults import kill_point
 from train.loss import causal_lm_loss_sum
 from train.strategy import is_sharded, shard_model
 
@@ -113,6 +114,7 @@ class CausalLMModule(L.LightningModule):
         return loss_fn(chunk_size=self.loss_chunk_size, **batch) / global_tokens
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        kill_point("train.step")
         loss = self._loss(batch)
         share = loss.detach()
         self._step_loss = share if self._step_loss is None else self._step_loss + share

@@ -130,9 +130,11 @@ def select_split(pool: list[dict], test: list[dict], *, split: str, cfg) -> list
         )
     if max(num_human, train_start + num_train) > val_start:
         raise ValueError(
-            f"task {cfg.name!r}: the training pool has {len(pool)} problems, too few for "
+            f"task {cfg.name!r}: the training pool has {len(pool)} problems"
+            + (f" left after filtering by max_chars={cfg.max_chars}" if cfg.get("max_chars") else "")
+            + ", too few for "
             f"num_human={num_human}, train_start={cfg.train_start}, num_train={num_train} and a disjoint "
-            f"validation tail of num_validation={num_validation}; lower them"
+            f"validation tail of num_validation={num_validation}; lower them (or raise max_chars)"
         )
     if split == "human":
         chosen = pool[:num_human]
