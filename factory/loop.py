@@ -18,8 +18,7 @@ from factory.audit import audit_iteration, format_audit
 from factory.base_model import ensure_base_model
 from factory.config import hydra_entry, validate
 from factory.rundir import RunDir, read_json, write_json
-from factory.sample import policy_draw, policy_path, sample_problems
-from factory.sample_cache import sample_or_reuse
+from factory.sample import e_step, policy_path
 from factory.snapshot import build_snapshot
 from factory.tasks import build_task
 from factory.verify import verify_samples
@@ -116,30 +115,7 @@ def _iteration(cfg: DictConfig, run_dir: RunDir, task, problems: list[dict], bas
     identity = snapshot_identity(cfg, policy=policy, problems=problems, iteration=k)
     check_snapshot_version(run_dir.stage(k, "dataset"), identity["version"], identity["inputs"])
     if not run_dir.is_done(k, "samples"):
-
-        def generate() -> dict:
-            from factory.models import load_model, load_tokenizer
-
-            return sample_problems(
-                model=None if cfg.sampler.backend == "vllm" else load_model(policy, dtype=cfg.model.dtype),
-                tokenizer=load_tokenizer(policy),
-                task=task,
-                problems=problems,
-                out_dir=run_dir.stage(k, "samples"),
-                settings=cfg.sampler,
-                policy=str(policy),
-                iteration=k,
-                draw=policy_draw(run_dir, k),
-            )
-
-        sample_or_reuse(
-            cfg,
-            policy=policy,
-            problems=problems,
-            iteration=k,
-            out_dir=run_dir.stage(k, "samples"),
-            generate=generate,
-        )
+        e_step(cfg, run_dir=run_dir, task=task, problems=problems, policy=policy, iteration=k)
     if not run_dir.is_done(k, "verdicts"):
         verify_samples(
             task=task,

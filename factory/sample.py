@@ -167,22 +167,12 @@ def policy_path(run_dir, base_path, iteration: int):
     return base_path
 
 
-def run(cfg: DictConfig) -> dict:
-    """Samples the training problems of ``iteration`` with the previous iteration's policy."""
-    from factory.base_model import ensure_base_model
+def e_step(cfg: DictConfig, *, run_dir, task, problems: list[dict], policy, iteration: int) -> dict:
+    """Iteration ``iteration``'s E-step: served from the sample cache when it can be, else sampled."""
     from factory.models import load_model, load_tokenizer
-    from factory.rundir import RunDir
     from factory.sample_cache import sample_or_reuse
-    from factory.tasks import build_task
 
-    run_dir = RunDir(cfg.paths.run_dir)
-    k = int(cfg.iteration)
-    out = run_dir.stage(k, "samples")
-    if (out / STAGE_FILE).exists():
-        return {"skipped": str(out)}
-    policy = policy_path(run_dir, ensure_base_model(cfg), k)
-    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
-    problems = task.load_problems(split="train")
+    out = run_dir.stage(iteration, "samples")
 
     def generate() -> dict:
         return sample_problems(
@@ -194,11 +184,30 @@ def run(cfg: DictConfig) -> dict:
             out_dir=out,
             settings=cfg.sampler,
             policy=str(policy),
-            iteration=k,
-            draw=policy_draw(run_dir, k),
+            iteration=iteration,
+            draw=policy_draw(run_dir, iteration),
         )
 
-    return sample_or_reuse(cfg, policy=policy, problems=problems, iteration=k, out_dir=out, generate=generate)
+    return sample_or_reuse(
+        cfg, policy=policy, problems=problems, iteration=iteration, out_dir=out, generate=generate
+    )
+
+
+def run(cfg: DictConfig) -> dict:
+    """Samples the training problems of ``iteration`` with the previous iteration's policy."""
+    from factory.base_model import ensure_base_model
+    from factory.rundir import RunDir
+    from factory.tasks import build_task
+
+    run_dir = RunDir(cfg.paths.run_dir)
+    k = int(cfg.iteration)
+    out = run_dir.stage(k, "samples")
+    if (out / STAGE_FILE).exists():
+        return {"skipped": str(out)}
+    policy = policy_path(run_dir, ensure_base_model(cfg), k)
+    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
+    problems = task.load_problems(split="train")
+    return e_step(cfg, run_dir=run_dir, task=task, problems=problems, policy=policy, iteration=k)
 
 
 main = hydra_entry(run)
