@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from eval.evaluate import evaluate_model
 from eval.report import format_table, write_report
@@ -19,7 +19,7 @@ from factory.base_model import ensure_base_model
 from factory.config import hydra_entry, validate
 from factory.rundir import RunDir, read_json, write_json
 from factory.sample import e_step, policy_path
-from factory.snapshot import build_snapshot
+from factory.snapshot import snapshot_stage
 from factory.tasks import build_task
 from factory.verify import verify_samples
 from factory.versioning import check_snapshot_version, snapshot_identity
@@ -124,23 +124,7 @@ def _iteration(cfg: DictConfig, run_dir: RunDir, task, problems: list[dict], bas
             out_dir=run_dir.stage(k, "verdicts"),
         )
     if not run_dir.is_done(k, "dataset"):
-        build_snapshot(
-            samples_dir=run_dir.stage(k, "samples"),
-            verdicts_dir=run_dir.stage(k, "verdicts"),
-            out_dir=run_dir.stage(k, "dataset"),
-            max_per_problem=int(cfg.snapshot.max_per_problem),
-            dedupe=bool(cfg.snapshot.dedupe),
-            lineage={
-                "iteration": k,
-                "task": cfg.task.name,
-                "base_model": str(base),
-                "policy": str(policy),
-                **identity,
-            },
-            settings={
-                n: OmegaConf.to_container(cfg[n], resolve=True) for n in ("task", "sampler", "snapshot")
-            },
-        )
+        snapshot_stage(cfg, run_dir=run_dir, iteration=k, base=base, policy=policy, identity=identity)
     manifest = read_json(run_dir.stage(k, "dataset") / "manifest.json")
     if manifest["num_kept"] == 0:
         raise EmptySnapshotError(

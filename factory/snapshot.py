@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import polars as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from factory.config import hydra_entry
 from factory.faults import kill_point
@@ -154,7 +154,6 @@ def dataset_card(manifest: dict) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
-    from omegaconf import OmegaConf
 
     from factory.base_model import ensure_base_model
     from factory.rundir import RunDir
@@ -181,23 +180,26 @@ def run(cfg: DictConfig) -> dict:
             raise FileNotFoundError(
                 f"{run_dir.stage(k, stage)} is not finished: run the loop or that stage first"
             )
-    settings = {
-        name: OmegaConf.to_container(cfg[name], resolve=True) for name in ("task", "sampler", "snapshot")
-    }
+    return snapshot_stage(cfg, run_dir=run_dir, iteration=k, base=base, policy=policy, identity=identity)
+
+
+def snapshot_stage(cfg: DictConfig, *, run_dir, iteration: int, base, policy, identity: dict) -> dict:
+    """Builds iteration ``iteration``'s snapshot from its finished samples and verdicts, with its lineage
+    (``identity``: the version and its inputs, from ``versioning.snapshot_identity``)."""
     return build_snapshot(
-        samples_dir=run_dir.stage(k, "samples"),
-        verdicts_dir=run_dir.stage(k, "verdicts"),
-        out_dir=out,
+        samples_dir=run_dir.stage(iteration, "samples"),
+        verdicts_dir=run_dir.stage(iteration, "verdicts"),
+        out_dir=run_dir.stage(iteration, "dataset"),
         max_per_problem=int(cfg.snapshot.max_per_problem),
         dedupe=bool(cfg.snapshot.dedupe),
         lineage={
-            "iteration": k,
+            "iteration": iteration,
             "task": cfg.task.name,
             "base_model": str(base),
             "policy": str(policy),
             **identity,
         },
-        settings=settings,
+        settings={n: OmegaConf.to_container(cfg[n], resolve=True) for n in ("task", "sampler", "snapshot")},
     )
 
 

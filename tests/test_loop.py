@@ -52,7 +52,7 @@ def test_loop_end_to_end_and_rerun_skips(make_cfg, easy_arith, monkeypatch, caps
     def boom(*args, **kwargs):
         raise AssertionError("a finished stage was run again")
 
-    for name in ("e_step", "verify_samples", "build_snapshot", "train_from_base", "evaluate_model"):
+    for name in ("e_step", "verify_samples", "snapshot_stage", "train_from_base", "evaluate_model"):
         monkeypatch.setattr(loop, name, boom)
     assert loop.run(cfg) == rows
 
