@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from functools import cache
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from factory.tasks import arith
 from factory.tasks.code_tasks import APPSTask, HumanEvalTask, MBPPTask
+from factory.tasks.loading import config_fingerprint
 from factory.tasks.math_tasks import GSM8KTask, MATH500Task, MATHTask
 from factory.verifiers import arith as arith_verifier
 
@@ -58,8 +59,7 @@ class ArithTask:
 
     def human_data_fingerprint(self) -> dict:
         """The config items that determine the human split (key of the cached tiny base model)."""
-        cfg = OmegaConf.to_container(self.cfg, resolve=True)
-        return {k: cfg.get(k) for k in _ARITH_HUMAN_DATA_KEYS}
+        return config_fingerprint(self.cfg, _ARITH_HUMAN_DATA_KEYS)
 
     def close(self) -> None:
         """Nothing to release: the arith verifier runs in-process."""

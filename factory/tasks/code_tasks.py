@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import ast
 import json
-import random
 import warnings
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from factory.tasks.loading import read_jsonl, resolve_data_dir, select_split
+from factory.tasks.loading import config_fingerprint, prepare_pool, read_jsonl, resolve_data_dir, select_split
 from factory.verifiers.code import make_sandbox, verify_batch
 
 PROMPT_STYLES = ("plain", "chat")
@@ -187,17 +186,13 @@ class _CodeTask:
         self._sandbox = None
 
     def _pool_and_test(self) -> tuple[list[dict], list[dict]]:
+        """(training pool, test problems) from the task's data; each subclass implements it."""
         raise NotImplementedError
 
     def _load(self) -> tuple[list[dict], list[dict]]:
         if self._pool is None:
             pool, test = self._pool_and_test()
-            if self.cfg.max_chars is not None:
-                limit = int(self.cfg.max_chars)
-                pool = [p for p in pool if len(p["question"]) + len(p["solution"] or "") <= limit]
-            if self.cfg.shuffle:
-                random.Random(f"{self.cfg.seed}-{self.name}-pool").shuffle(pool)
-            self._pool, self._test = pool, test
+            self._pool, self._test = prepare_pool(pool, self.cfg, task_name=self.name), test
         return self._pool, self._test
 
     def load_problems(self, *, split: str, limit: int | None = None) -> list[dict]:
@@ -250,8 +245,7 @@ class _CodeTask:
 
     def human_data_fingerprint(self) -> dict:
         """The config items that determine the human split and its prompts (key of the cached base model)."""
-        cfg = OmegaConf.to_container(self.cfg, resolve=True)
-        return {k: cfg.get(k) for k in _FINGERPRINT_KEYS}
+        return config_fingerprint(self.cfg, _FINGERPRINT_KEYS)
 
     def close(self) -> None:
         """Stop the sandbox server (a later verify starts a new one)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 from functools import lru_cache
 from pathlib import Path
@@ -25,6 +26,29 @@ _LEVEL_RE = re.compile(r"(\d+)")
 def resolve_data_dir(data_dir: str | None) -> Path:
     """The data folder: the given one, else ``$RESTEM_DATA_DIR``, else ``../shared/datasets``."""
     return Path(data_dir or os.environ.get("RESTEM_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+def config_fingerprint(cfg, keys: tuple[str, ...]) -> dict:
+    """The task config's ``keys`` (resolved): what a task's ``human_data_fingerprint`` hashes into the
+    cached base model's key."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(cfg, resolve=True)
+    return {k: values.get(k) for k in keys}
+
+
+def prepare_pool(pool: list[dict], cfg, *, task_name: str) -> list[dict]:
+    """A benchmark task's training pool after ``task.max_chars`` and ``task.shuffle``.
+
+    Tiny character-level models can only learn short solutions, so ``max_chars`` drops long problems from
+    the pool (question + reference solution); the test set is never cut.
+    """
+    if cfg.max_chars is not None:
+        limit = int(cfg.max_chars)
+        pool = [p for p in pool if len(p["question"]) + len(p["solution"] or "") <= limit]
+    if cfg.shuffle:
+        random.Random(f"{cfg.seed}-{task_name}-pool").shuffle(pool)
+    return pool
 
 
 def read_jsonl(path: Path) -> list[dict]:

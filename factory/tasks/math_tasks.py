@@ -8,11 +8,17 @@ shuffle), so problem ids and splits are the same on every run.
 
 from __future__ import annotations
 
-import random
+from omegaconf import DictConfig
 
-from omegaconf import DictConfig, OmegaConf
-
-from factory.tasks.loading import load_hub, read_jsonl, resolve_data_dir, select_split, to_problems
+from factory.tasks.loading import (
+    config_fingerprint,
+    load_hub,
+    prepare_pool,
+    read_jsonl,
+    resolve_data_dir,
+    select_split,
+    to_problems,
+)
 from factory.verifiers.math import make_pool, verify_batch
 
 PROMPT_STYLES = ("plain", "fewshot", "chat")
@@ -88,13 +94,7 @@ class _BenchmarkTask:
     def _load(self) -> tuple[list[dict], list[dict]]:
         if self._pool is None:
             pool, test = self._pool_and_test()
-            if self.cfg.max_chars is not None:
-                # Tiny character-level models can only learn short solutions; the test set is never cut.
-                limit = int(self.cfg.max_chars)
-                pool = [p for p in pool if len(p["question"]) + len(p["solution"]) <= limit]
-            if self.cfg.shuffle:
-                random.Random(f"{self.cfg.seed}-{self.name}-pool").shuffle(pool)
-            self._pool, self._test = pool, test
+            self._pool, self._test = prepare_pool(pool, self.cfg, task_name=self.name), test
         return self._pool, self._test
 
     def load_problems(self, *, split: str, limit: int | None = None) -> list[dict]:
@@ -155,8 +155,7 @@ class _BenchmarkTask:
 
     def human_data_fingerprint(self) -> dict:
         """The config items that determine the human split and its prompts (key of the cached base model)."""
-        cfg = OmegaConf.to_container(self.cfg, resolve=True)
-        return {k: cfg.get(k) for k in _FINGERPRINT_KEYS}
+        return config_fingerprint(self.cfg, _FINGERPRINT_KEYS)
 
     def close(self) -> None:
         """Shut the verifier's worker processes down (a later verify starts new ones)."""
