@@ -58,22 +58,23 @@ def make_cfg(tmp_path):
     return _make
 
 
+# The randomly initialised test model's shape (also tests/dist_job.py's).
+TINY_SHAPE = {
+    "hidden_size": 64,
+    "num_layers": 2,
+    "num_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 256,
+}
+
+
 @pytest.fixture(scope="session")
 def tiny_model_and_tokenizer():
     """A randomly initialised tiny model with a character tokenizer (no training)."""
     from factory.models import build_tiny_model, train_char_tokenizer
 
     tokenizer = train_char_tokenizer(["Q: Ann has 3 pens.\nA: 3+4=7. Answer: 7"])
-    model = build_tiny_model(
-        tokenizer,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=256,
-        seed=0,
-    )
-    return model, tokenizer
+    return build_tiny_model(tokenizer, **TINY_SHAPE, seed=0), tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import sys
 
+from conftest import TINY_SHAPE  # tests/ is sys.path[0] when this file runs as a script
+
 from factory.config import compose
 from factory.models import build_tiny_model, train_char_tokenizer
 from train.finetune import fine_tune
@@ -34,16 +36,7 @@ CPU = [
 
 def tiny_model():
     tokenizer = train_char_tokenizer([p["prompt"] + p["completion"] for p in PAIRS])
-    model = build_tiny_model(
-        tokenizer,
-        hidden_size=64,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=256,
-        seed=0,
-    )
-    return model, tokenizer
+    return build_tiny_model(tokenizer, **TINY_SHAPE, seed=0), tokenizer
 
 
 def main(out_dir: str, trainer: str, *overrides: str) -> None:
