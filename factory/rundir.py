@@ -136,9 +136,11 @@ def read_parquet(path: Path, columns: list[str] | None = None):
     try:
         return pl.read_parquet(path, columns=columns)
     except Exception as err:  # polars raises several types for damaged files
-        raise ValueError(
-            f"corrupt parquet shard {path}: {err}. Delete it and rerun to regenerate it."
-        ) from err
+        raise _corrupt_shard(path, err) from err
+
+
+def _corrupt_shard(path: Path, err: Exception) -> ValueError:
+    return ValueError(f"corrupt parquet shard {path}: {err}. Delete it and rerun to regenerate it.")
 
 
 def scan_shards(stage_dir: Path):
@@ -152,9 +154,7 @@ def scan_shards(stage_dir: Path):
         try:
             pl.read_parquet_schema(path)  # the footer only: cheap, and catches truncated or foreign files
         except Exception as err:
-            raise ValueError(
-                f"corrupt parquet shard {path}: {err}. Delete it and rerun to regenerate it."
-            ) from err
+            raise _corrupt_shard(path, err) from err
     return pl.scan_parquet(paths)
 
 
