@@ -5,7 +5,8 @@ the problems, every sampling setting except the number of samples, the model dty
 Entries live under ``<paths.cache_dir>/samples/<key>/K<n>/`` as copies of finished sample shards. A
 request for K' samples per problem is served from the first K' samples (``sample_idx < K'``) of any
 entry with K >= K'. That equals a fresh K'-sample run because sample j of problem i is seeded from
-(seed, policy, problem, j) only, not from K or the batching. Disable with ``sampler.cache=false``.
+(sampler seed, problem, j) only (``sample.problem_seed``), not from K or the batching; the key fixes the
+policy. Disable with ``sampler.cache=false``.
 """
 
 from __future__ import annotations

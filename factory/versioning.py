@@ -88,7 +88,8 @@ def _settings(cfg: DictConfig, name: str, drop: tuple[str, ...]) -> dict:
 def sampling_inputs(cfg: DictConfig, *, policy_fingerprint: str, problems_sha: str, iteration: int) -> dict:
     """What determines the E-step's samples, apart from how many are drawn per problem.
 
-    The iteration is included because the sampler's seed derives from it.
+    The iteration is included because an E-step that samples the same policy again (after an empty
+    snapshot) draws new samples (``sample.policy_draw``), so samples of one policy differ by iteration.
     """
     sampler = _settings(cfg, "sampler", SAMPLER_THROUGHPUT_KEYS + ("num_samples",))
     return {
