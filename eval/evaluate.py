@@ -39,6 +39,7 @@ def evaluate_model(
     """
     from factory.models import load_model, load_tokenizer
     from factory.sample import generate, open_vllm, problem_seed
+    from factory.verify import judge
 
     if not problems:
         raise ValueError(f"no problems to evaluate on split {settings.split!r}")
@@ -70,10 +71,11 @@ def evaluate_model(
         )
         kill_point("eval.generate")
         sampled = generate(model, tokenizer, prompts, batch_size=batch, desc=f"{label} pass@k", **sampled_kw)
-    greedy_verdicts = task.verify(problems, [g[0]["completion"] for g in greedy], strictness="answer")
+    # The E-step's guarded judge: a runaway or non-UTF-8 completion is a wrong answer, not a crash.
+    greedy_verdicts = judge(task, problems, [g[0]["completion"] for g in greedy], strictness="answer")
     flat_problems = [p for p, s in zip(problems, sampled, strict=True) for _ in s]
-    flat_verdicts = task.verify(
-        flat_problems, [x["completion"] for s in sampled for x in s], strictness="answer"
+    flat_verdicts = judge(
+        task, flat_problems, [x["completion"] for s in sampled for x in s], strictness="answer"
     )
     ks = sorted(int(k) for k in settings.ks)
     rows, per_problem = [], []

@@ -32,12 +32,13 @@ VERDICT_SCHEMA = {
 MAX_COMPLETION_CHARS = 100_000
 
 
-def judge(task, problems: list[dict], completions: list) -> list[dict]:
+def judge(task, problems: list[dict], completions: list, *, strictness: str | None = None) -> list[dict]:
     """``task.verify`` made safe for any completion: never raises because of what a sample contains.
 
     Completions over ``MAX_COMPLETION_CHARS`` get status ``too_long`` without being parsed; text that is
     not valid UTF-8 (lone surrogates from a lenient decode) is judged with the bad characters replaced,
-    and the verdict's text fields are made writable to parquet.
+    and the verdict's text fields are made writable to parquet. ``strictness`` as in ``task.verify``
+    (None: the task's own).
     """
     verdicts: list[dict | None] = [None] * len(completions)
     todo = []
@@ -53,7 +54,11 @@ def judge(task, problems: list[dict], completions: list) -> list[dict]:
         else:
             todo.append(i)
     judged = (
-        task.verify([problems[i] for i in todo], [_valid_utf8(completions[i]) for i in todo]) if todo else []
+        task.verify(
+            [problems[i] for i in todo], [_valid_utf8(completions[i]) for i in todo], strictness=strictness
+        )
+        if todo
+        else []
     )
     for i, verdict in zip(todo, judged, strict=True):
         verdicts[i] = {k: _valid_utf8(v) if isinstance(v, str) else v for k, v in verdict.items()}

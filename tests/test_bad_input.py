@@ -166,3 +166,30 @@ def test_run_dir_of_an_incompatible_version(tmp_path, capsys):
     assert err.startswith(f"error: run directory {run} was written by run format 999; this version reads")
     assert "Use a new paths.run_dir (nothing was changed)." in err
     assert not (run / "config.yaml").exists() and (run / "iter_1").is_dir()
+
+
+def test_eval_judges_megabyte_completions_like_the_verify_stage(tmp_path, tiny_model_dir, monkeypatch):
+    """Evaluation goes through the verify stage's guarded judge: a runaway completion is not parsed (it
+    would otherwise count as correct here: it ends with the right answer)."""
+    import factory.sample as sample_module
+    from eval.evaluate import evaluate_model
+
+    cfg = compose(["name=t", "task.strictness=answer", "eval.num_samples=2", "eval.ks=[1,2]"])
+    task = build_task(cfg.task)
+    problems = task.load_problems(split="test")[:2]
+
+    def garbage(model, tokenizer, prompts, *, num_samples, **kwargs):
+        texts = ["x" * 1_000_000 + f" Answer: {problems[0]['answer']}", "\ufffd\ufffd Answer: -1"]
+        return [
+            [{"completion": texts[i % 2], "num_tokens": 1, "finish_reason": "length", "seed": 0}]
+            * num_samples
+            for i in range(len(prompts))
+        ]
+
+    monkeypatch.setattr(sample_module, "generate", garbage)
+    metrics = evaluate_model(
+        model_path=tiny_model_dir, task=task, problems=problems, settings=cfg.eval, out_dir=tmp_path / "eval"
+    )
+    assert metrics["num_problems"] == 2 and metrics["greedy_accuracy"] == 0.0
+    statuses = pl.read_parquet(tmp_path / "eval" / "per_problem.parquet")["greedy_status"].to_list()
+    assert statuses == ["too_long", "wrong"]
