@@ -4,10 +4,11 @@ Layout: the calling process starts one small **server** (``python -I -m factory.
 single-threaded, scrubbed environment, the harness and common stdlib modules imported once) and sends it
 jobs over a pipe. For every job the server forks a fresh child, so a job costs a ``fork`` instead of a new
 interpreter (what makes ``multiprocessing``-based executors slow), and runs up to ``workers`` of them at
-once. Each child starts a new session (one process group the server can ``killpg``), enters the
-namespaces the kernel grants (``isolation.py``: no network, read-only mounts with a tmpfs work directory,
-PID 1 of its own PID namespace with its own ``/proc``), sets resource limits, clears the environment, gets
-stdin from the job's input and stdout/stderr on capped pipes, and runs ``harness.run``.
+once. Each child is born PID 1 of its own PID namespace, starts a new session (one process group the
+server can ``killpg``), enters the namespaces the kernel grants (``isolation.py``: no network, read-only
+nodev mounts with a tmpfs work directory and a read-only ``/proc`` of its own), sets resource limits,
+drops every capability, clears the environment, gets stdin from the job's input and stdout/stderr
+on capped pipes, and runs ``harness.run``.
 
 The server (``sandbox_server.py``) enforces the wall-clock timeout by killing the process group, kills a
 job whose output passes ``Limits.max_output_bytes`` (it keeps the first ``Limits.capture_bytes`` of each
@@ -21,16 +22,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import pickle
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 
+from factory.verifiers.sandbox_server import HEADER
+
 log = logging.getLogger(__name__)
 
-HEADER = struct.Struct("!I")  # length prefix of each pickled message between caller and server
 _warned: set[str] = set()
 
 

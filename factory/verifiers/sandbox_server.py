@@ -1,7 +1,7 @@
 """The sandbox server: forks one isolated child per job, enforces limits and timeouts, checks the proof.
 
 Started by :class:`factory.verifiers.sandbox.Sandbox` as ``python -I -m factory.verifiers.sandbox_server N``;
-the protocol is length-prefixed pickles on its stdin/stdout (``sandbox.HEADER``). Single-threaded: one
+the protocol is length-prefixed pickles on its stdin/stdout (``HEADER``). Single-threaded: one
 ``selectors`` loop watches the request pipe, every job's stdout/stderr/proof pipes and a pidfd per job.
 """
 
@@ -13,17 +13,17 @@ import math
 import os
 import pickle
 import resource
-import secrets
 import selectors
-import shutil
 import signal
+import struct
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
 
 from factory.verifiers import isolation
-from factory.verifiers.sandbox import HEADER
+
+# Length prefix of each pickled message between caller and server. The server imports as little as it
+# can: every page of its heap is copied (page tables at fork, the page itself when written) per job.
+HEADER = struct.Struct("!I")
 
 
 def _set_limits(limits: dict) -> None:
@@ -42,21 +42,12 @@ def _set_limits(limits: dict) -> None:
 
 
 def _child(job: dict, fds: dict, nonce: bytes, support: dict) -> None:
-    """Runs in the forked child; never returns."""
+    """Runs in the forked child (PID 1 of its own PID namespace, when granted); never returns."""
     try:
         os.setsid()
         isolation.enter_job_namespaces(fds["workdir"], support)
-        pid = os.fork()  # PID 1 of the new PID namespace (when granted)
-        if pid:
-            for fd in (fds["stdin"], fds["stdout"], fds["stderr"], fds["proof"]):
-                os.close(fd)
-            _, status = os.waitpid(pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-            os._exit(code if code >= 0 else 128 - code)
-        if support.get("proc"):
-            isolation.mount_own_proc(support)
-        limits = job["limits"]
-        _set_limits(limits)
+        _set_limits(job["limits"])
+        isolation.drop_privileges()
         os.chdir(fds["workdir"])
         os.environ.clear()
         os.environ.update(
@@ -64,7 +55,7 @@ def _child(job: dict, fds: dict, nonce: bytes, support: dict) -> None:
         )
         for target, fd in ((0, fds["stdin"]), (1, fds["stdout"]), (2, fds["stderr"])):
             os.dup2(fd, target)
-        proof = os.dup2(fds["proof"], 3 + secrets.randbelow(200))  # a random descriptor number
+        proof = os.dup2(fds["proof"], 3 + os.urandom(1)[0] % 200)  # a random descriptor number
         os.closerange(3, proof)
         os.closerange(proof + 1, 65536)
         sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
@@ -79,36 +70,49 @@ def _child(job: dict, fds: dict, nonce: bytes, support: dict) -> None:
     os._exit(70)
 
 
-@dataclass
 class _Running:
-    index: int
-    pid: int
-    pidfd: int
-    nonce: bytes
-    workdir: str
-    limits: dict
-    start: float
-    streams: dict  # fd -> name ("stdout", "stderr", "proof")
-    data: dict = field(
-        default_factory=lambda: {"stdout": bytearray(), "stderr": bytearray(), "proof": bytearray()}
+    """One job in flight. ``status`` is set when the server killed it (timeout / output_limit)."""
+
+    __slots__ = (
+        "index",
+        "pid",
+        "pidfd",
+        "nonce",
+        "workdir",
+        "limits",
+        "start",
+        "streams",
+        "data",
+        "total_output",
+        "status",
+        "exited",
     )
-    total_output: int = 0
-    status: str | None = None  # set when the server killed it (timeout / output_limit)
-    exited: bool = False
+
+    def __init__(self, index, pid, pidfd, nonce, workdir, limits, start) -> None:
+        self.index, self.pid, self.pidfd, self.nonce = index, pid, pidfd, nonce
+        self.workdir, self.limits, self.start = workdir, limits, start
+        self.streams: dict = {}  # fd -> name ("stdout", "stderr", "proof")
+        self.data = {"stdout": bytearray(), "stderr": bytearray(), "proof": bytearray()}
+        self.total_output = 0
+        self.status: str | None = None
+        self.exited = False
 
 
 class _Server:
-    def __init__(self, workers: int, proto_in: int, proto_out: int, *, shared_network: bool) -> None:
+    def __init__(self, workers: int, proto_in: int, proto_out: int, *, base: str, server_ns: dict) -> None:
         self.workers, self.proto_in, self.proto_out = workers, proto_in, proto_out
         self.selector = selectors.DefaultSelector()
         self.queue: list = []
         self.running: dict[int, _Running] = {}  # by pid
         self.buffer = bytearray()
         self.closing = False
-        self.support = isolation.probe_isolation(shared_network=shared_network)
-        self.base = tempfile.mkdtemp(prefix="restem-sandbox-")
+        self.base = base
         self.workdir = os.path.join(self.base, "work")
         os.mkdir(self.workdir)
+        self.pid_namespace = isolation.own_pid_namespace() if server_ns["pid"] else None
+        self.support = isolation.probe_isolation(
+            self.workdir, server=server_ns, pid_namespace=self.pid_namespace
+        )
 
     def send(self, message) -> None:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
@@ -161,20 +165,20 @@ class _Server:
     def launch(self, index: int, payload: dict, limits: dict) -> None:
         # With mount namespaces every job gets a fresh tmpfs at the same path; else a directory per job.
         shared = self.support["readonly_mounts"]
-        workdir = self.workdir if shared else tempfile.mkdtemp(dir=self.base)
+        workdir = self.workdir if shared else _make_dir(self.base)
         stdin = os.memfd_create("stdin", os.MFD_CLOEXEC)  # the job's input, never on a file system
         data = memoryview(str(payload.get("stdin") or "").encode("utf-8"))
         while data:
             data = data[os.write(stdin, data) :]
         os.lseek(stdin, 0, os.SEEK_SET)
         pipes = {name: os.pipe() for name in ("stdout", "stderr", "proof")}
-        nonce = secrets.token_hex(16).encode()
+        nonce = os.urandom(16).hex().encode()
         fds = {"workdir": workdir, "stdin": stdin, **{n: w for n, (_, w) in pipes.items()}}
-        pid = os.fork()
+        pid = isolation.fork_job(self.support, self.pid_namespace)
         if pid == 0:
             _child({"payload": payload, "limits": limits}, fds, nonce, self.support)
         os.close(stdin)
-        run = _Running(index, pid, os.pidfd_open(pid), nonce, workdir, limits, time.monotonic(), streams={})
+        run = _Running(index, pid, os.pidfd_open(pid), nonce, workdir, limits, time.monotonic())
         for name, (read_end, write_end) in pipes.items():
             os.close(write_end)
             os.set_blocking(read_end, False)
@@ -230,7 +234,7 @@ class _Server:
         os.close(run.pidfd)
         del self.running[run.pid]
         if run.workdir != self.workdir:
-            shutil.rmtree(run.workdir, onerror=_force_remove)
+            _remove_tree(run.workdir)
         seconds = time.monotonic() - run.start
         outcome = {
             "status": run.status or "no_proof",
@@ -260,6 +264,23 @@ def _loads_json(data: bytes) -> dict:
     return report
 
 
+def _make_dir(parent: str, prefix: str = "job-") -> str:
+    """A new private directory (``tempfile.mkdtemp`` without importing ``tempfile`` into the server)."""
+    while True:
+        path = os.path.join(parent, prefix + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+
+
+def _remove_tree(path: str) -> None:
+    import shutil  # only here: the forking server stays small
+
+    shutil.rmtree(path, onerror=_force_remove)
+
+
 def _force_remove(function, path, _excinfo) -> None:
     # A job may leave read-only files or directories behind; make them writable and try again.
     with contextlib.suppress(OSError):
@@ -277,17 +298,20 @@ def serve(workers: int) -> None:
     from factory.verifiers import harness
 
     harness.preload()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    base = _make_dir(os.getcwd(), "restem-sandbox-")  # the caller starts us in its temporary directory
+    server_ns = isolation.enter_server_namespaces()
+    if server_ns["pid"]:
+        isolation.become_pid1()  # from here on: the server proper, PID 1 of its own PID namespace
     # Keep the server's objects out of the children's garbage collections: a collection walks every
     # object, which would copy the whole inherited heap page by page in each forked child.
     gc.collect()
     gc.freeze()
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-    shared_network = isolation.enter_shared_network()
-    server = _Server(workers, proto_in, proto_out, shared_network=shared_network)
     try:
+        server = _Server(workers, proto_in, proto_out, base=base, server_ns=server_ns)
         server.loop()
     finally:
-        shutil.rmtree(server.base, onerror=_force_remove)
+        _remove_tree(base)
 
 
 if __name__ == "__main__":
