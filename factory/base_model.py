@@ -20,19 +20,31 @@ from factory.tasks import arith
 log = logging.getLogger(__name__)
 
 
+# Trainer settings that do not change the pretrained weights: where it runs (the step stream does not
+# depend on the number of ranks: tests/test_train_scale.py), how often it checkpoints, what it shows.
+_NOT_IN_KEY = ("accelerator", "devices", "strategy", "num_nodes", "checkpoint_every_n_steps", "progress_bar")
+
+
+def pretrain_settings(cfg: DictConfig) -> DictConfig:
+    """The trainer settings base pretraining runs with: ``trainer`` overridden by ``model.pretrain``."""
+    return OmegaConf.merge(cfg.trainer, OmegaConf.to_container(cfg.model.pretrain, resolve=True))
+
+
 def base_model_key(cfg: DictConfig) -> str:
-    """A short fingerprint of everything that determines the tiny base model."""
+    """A short fingerprint of everything that determines the tiny base model: the model's shape, the
+    human data, and every pretraining setting that changes the weights (``trainer.*`` included, unless
+    ``model.pretrain`` overrides it)."""
     from factory.tasks import build_task
 
     # Only the task knows which of its config items shape the human split (train/test sizes do not).
     task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
+    settings = OmegaConf.to_container(pretrain_settings(cfg), resolve=True)
     payload = {
         "tiny": OmegaConf.to_container(cfg.model.tiny, resolve=True),
-        "pretrain": OmegaConf.to_container(cfg.model.pretrain, resolve=True),
+        "train": {k: v for k, v in settings.items() if k not in _NOT_IN_KEY},
         "task": task.human_data_fingerprint(),
-        "trainer_seed": cfg.trainer.seed,
         "generator": arith.GENERATOR_VERSION,
-        "format": 1,
+        "format": 2,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -73,7 +85,7 @@ def _pretrain_tiny(cfg: DictConfig, out_dir: Path) -> None:
         seed=int(cfg.trainer.seed),
     )
     # Same Lightning code and trainer as the M-step, with the pretraining budget and learning rate.
-    settings = OmegaConf.merge(cfg.trainer, OmegaConf.to_container(cfg.model.pretrain))
+    settings = pretrain_settings(cfg)
     fine_tune(
         model=model,
         tokenizer=tokenizer,

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 import factory.loop as loop
 from factory.base_model import base_model_key
@@ -214,25 +212,26 @@ def test_bad_task_values_fail_with_the_key(override, message):
         compose(["task=gsm8k", override])
 
 
-def test_arith_base_model_key_is_unchanged():
-    # The key formula before tasks had fingerprints: the demo's cached base model must still be found.
-    cfg = compose()
-    task = OmegaConf.to_container(cfg.task, resolve=True)
-    keys = ("name", "seed", "num_human", "human_min_steps", "human_max_steps", "max_operand", "max_value")
-    payload = {
-        "tiny": OmegaConf.to_container(cfg.model.tiny, resolve=True),
-        "pretrain": OmegaConf.to_container(cfg.model.pretrain, resolve=True),
-        "task": {k: task.get(k) for k in keys},
-        "trainer_seed": cfg.trainer.seed,
-        "generator": 2,
-        "format": 1,
-    }
-    assert (
-        base_model_key(cfg) == hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-    )
+def test_base_model_key_follows_every_setting_that_changes_the_weights():
+    key = base_model_key(compose())
+    assert key == base_model_key(compose())
+    # The human data, the model's shape, the pretraining budget.
     assert base_model_key(compose(["task=gsm8k"])) != base_model_key(
         compose(["task=gsm8k", "task.num_human=8"])
     )
+    assert base_model_key(compose(["model.tiny.num_layers=2"])) != key
+    assert base_model_key(compose(["model.pretrain.max_steps=10"])) != key
+    # Trainer settings that pretraining inherits change the weights (a stale cached model was reused).
+    for override in ("trainer.seed=1", "trainer.weight_decay=0.1", "trainer.grad_clip=0.5"):
+        assert base_model_key(compose([override])) != key, override
+    # ... unless model.pretrain overrides them, or they only say where it runs and what it shows.
+    for override in (
+        "trainer.max_steps=7",
+        "trainer.lr=0.5",
+        "trainer.progress_bar=false",
+        "trainer.devices=2",
+    ):
+        assert base_model_key(compose([override])) == key, override
 
 
 # Train == human (train_start=0) and enough pretraining to memorise 8 short solutions: the E-step then
