@@ -51,18 +51,18 @@ def pass_at_k(n: int, c: int, k: int) -> float | None:
     return 1.0 - prod
 
 
-def majority_vote(answers: list[str | None]) -> str | None:
+def majority_vote(answers: list) -> object | None:
     """Return the most common non-None answer.
 
     Args:
-        answers: Extracted final answers; None marks an unparseable sample.
+        answers: Extracted final answers (any hashable votes); None marks an unparseable sample.
 
     Returns:
         The most frequent non-None answer, ties broken in favour of the answer
         that appeared first, or None if there are no non-None answers.
     """
-    counts: Counter[str] = Counter()
-    first_seen: dict[str, int] = {}
+    counts: Counter = Counter()
+    first_seen: dict = {}
     for idx, answer in enumerate(answers):
         if answer is None:
             continue
@@ -72,6 +72,9 @@ def majority_vote(answers: list[str | None]) -> str | None:
         return None
     # Explicit tie-break instead of relying on Counter.most_common ordering.
     return max(counts, key=lambda a: (counts[a], -first_seen[a]))
+
+
+_CORRECT = object()  # the vote of every correct sample: equal to no answer string
 
 
 def problem_metrics(
@@ -85,8 +88,9 @@ def problem_metrics(
     """Per-problem metrics from a greedy decode and a set of samples.
 
     Args:
-        gold: The reference final answer, compared to majority answers; None for tasks without one
-            (code), which makes every maj@k None.
+        gold: The reference final answer; None for tasks without one (code), which makes every
+            maj@k None. The majority is correct when it is the correct samples' answer: they vote as
+            one, whatever form each wrote the gold answer in.
         greedy_correct: Whether the greedy decode was judged correct.
         sample_answers: Extracted answer per sample (None if unparseable).
         sample_correct: Verifier verdict per sample, aligned with answers.
@@ -107,6 +111,10 @@ def problem_metrics(
         )
     n = len(sample_correct)
     c = sum(1 for ok in sample_correct if ok)
+    # Every sample the verifier judged correct gave an answer equivalent to the gold one, so they vote
+    # as one answer ("0.5", "\\frac12" and "1/2" for a gold "\\frac{1}{2}"); comparing strings instead
+    # split their votes and missed equivalent majorities. Wrong answers vote by their exact text.
+    votes = [_CORRECT if ok else answer for answer, ok in zip(sample_answers, sample_correct, strict=True)]
     pass_k: dict[int, float | None] = {}
     maj_k: dict[int, bool | None] = {}
     for k in ks:
@@ -118,7 +126,7 @@ def problem_metrics(
         else:
             # Majority over a prefix mirrors drawing only k samples, so maj@k
             # for small k is not inflated by the later samples.
-            maj_k[k] = majority_vote(sample_answers[:k]) == gold
+            maj_k[k] = majority_vote(votes[:k]) is _CORRECT
     return {
         "greedy_correct": bool(greedy_correct),
         "num_samples": n,

@@ -177,3 +177,24 @@ def test_problem_metrics_without_gold_code_task():
         gold=None, greedy_correct=False, sample_answers=[None] * 2, sample_correct=[False, False], ks=[1, 2]
     )
     assert none_right["pass_at_k"] == {1: 0.0, 2: 0.0}
+
+
+def test_maj_counts_equivalent_forms_of_the_gold_answer_as_one():
+    # Three correct samples wrote 1/2 three ways; string voting split them and let "3" win the tie.
+    m = problem_metrics(
+        gold="\\frac{1}{2}",
+        greedy_correct=False,
+        sample_answers=["3", "0.5", "\\dfrac{1}{2}", "1/2", "3"],
+        sample_correct=[False, True, True, True, False],
+        ks=[1, 4, 5],
+    )
+    assert m["maj_at_k"] == {1: False, 4: True, 5: True}
+    # Wrong answers still vote by their text: two "7"s beat one correct sample.
+    m = problem_metrics(
+        gold="5",
+        greedy_correct=False,
+        sample_answers=["7", "5", "7"],
+        sample_correct=[False, True, False],
+        ks=[3],
+    )
+    assert m["maj_at_k"] == {3: False}
