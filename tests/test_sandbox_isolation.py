@@ -24,7 +24,8 @@ def test_probe_without_server_namespaces_keeps_what_jobs_can_get(tmp_path):
     assert support["pid"] is False and support["proc"] is False
     assert support["network"] is True and support["own_network"] is False
     assert support["user"] is True and support["readonly_mounts"] is True  # granted on this kernel
-    assert support["reason"] == "the kernel refused: pid, proc"
+    assert support["ipc"] is True and support["seccomp"] is True
+    assert support["reason"] == "not granted: pid, proc"
 
 
 def _serve_in_child(server_ns: dict, base: str) -> tuple[int, int, int]:
@@ -45,7 +46,7 @@ def _serve_in_child(server_ns: dict, base: str) -> tuple[int, int, int]:
 
 
 def test_server_without_namespaces_still_judges_and_cleans_up(tmp_path):
-    marker = "876.54321"
+    marker = f"{os.getpid()}.{time.monotonic_ns() % 100000}"  # this run's own background process
     jobs = [
         {"mode": "function", "program": "def f(x):\n    return x + 1\n", "tests": ["assert f(1) == 2"]},
         {"mode": "function", "program": "def f(x):\n    return x\n", "tests": ["assert f(1) == 2"]},

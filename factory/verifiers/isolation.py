@@ -28,6 +28,8 @@ import ctypes
 import os
 import signal
 
+from factory.verifiers import seccomp
+
 _CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWUSER = 0x20000, 0x8000000, 0x10000000
 _CLONE_NEWPID, _CLONE_NEWNET = 0x20000000, 0x40000000
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
@@ -37,7 +39,8 @@ _SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE = 442, -100, 0x8000
 _MOUNT_ATTR_RDONLY, _MOUNT_ATTR_NOSUID, _MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
 # Device nodes a program may legitimately open; every other device is unusable in a job (nodev).
 HARMLESS_DEVICES = (b"/dev/null", b"/dev/zero", b"/dev/random", b"/dev/urandom")
-_PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 1, 24, 38
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 1, 4, 24, 38
+_KEYCTL_JOIN_SESSION_KEYRING = 1
 _CAPABILITY_VERSION_3 = 0x20080522
 TMPFS_MB = 64  # the job's working directory (with mount namespaces); files are capped by RLIMIT_FSIZE too
 # statvfs flag bits that a read-only bind remount must repeat (the kernel refuses to drop them).
@@ -69,8 +72,8 @@ def _check(result: int, what: str) -> None:
 
 
 def enter_server_namespaces() -> dict:
-    """Move the server into a user namespace and an empty network namespace, and make its next child PID
-    1 of a new PID namespace. Returns ``{"user": bool, "network": bool, "pid": bool}``: what was granted.
+    """Move the server into a user namespace, an empty network namespace and an IPC namespace, and make
+    its next child PID 1 of a new PID namespace. Returns ``{"user": bool, "network": bool, "pid": bool}``: what was granted.
 
     A fresh network namespace per job costs more than the rest of the isolation together (the kernel
     tears each one down in the background), so jobs share the server's: it has no interfaces but a down
@@ -84,8 +87,12 @@ def enter_server_namespaces() -> dict:
         _write_id_maps(uid, gid)
     # Root where user namespaces are off still gets these; an unprivileged user without them gets none.
     network = libc.unshare(_CLONE_NEWNET) == 0
-    libc.unshare(_CLONE_NEWIPC)  # the host's System V IPC objects and POSIX queues out of reach
+    libc.unshare(_CLONE_NEWIPC)  # the host's System V IPC objects out of reach (jobs get their own too)
     pid = libc.unshare(_CLONE_NEWPID) == 0
+    # A new anonymous session keyring: jobs must not inherit the caller's (its keys, its secrets). The
+    # jobs' seccomp filter refuses the keyring calls anyway, where the filter exists.
+    if seccomp.MACHINE in seccomp.KEYCTL:
+        libc.syscall(seccomp.KEYCTL[seccomp.MACHINE], _KEYCTL_JOIN_SESSION_KEYRING, None)
     return {"user": user, "network": network, "pid": pid}
 
 
@@ -136,15 +143,21 @@ def fork_job(support: dict, pid_namespace: int | None) -> int:
 
 
 def enter_job_namespaces(workdir: str, support: dict) -> None:
-    """In a fresh job child, as granted by the probe: every mount read-only, ``nosuid`` and ``nodev``
-    (except a few harmless devices), a tmpfs at ``workdir``, a read-only ``/proc`` of its own (as PID 1
-    of its namespace). Call :func:`drop_privileges` afterwards."""
+    """In a fresh job child, as granted by the probe: an IPC namespace of its own (no System V / POSIX
+    objects left by or for other jobs), every mount read-only, ``nosuid`` and ``nodev`` (except a few
+    harmless devices), a tmpfs at ``workdir``, a read-only ``/proc`` of its own (as PID 1 of its
+    namespace). Call :func:`drop_privileges` afterwards."""
     libc = _libc()
     if support.get("own_network"):
         _check(libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
     if not support["readonly_mounts"]:
+        if support.get("ipc"):
+            _check(libc.unshare(_CLONE_NEWIPC), "unshare(CLONE_NEWIPC)")
         return
-    _check(libc.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+    _check(libc.unshare(_CLONE_NEWNS | _CLONE_NEWIPC * support.get("ipc", False)), "unshare(CLONE_NEWNS)")
+    # Private before anything is mounted: where the mounts are shared with the server's namespace (root
+    # without a user namespace), the bind mounts below would otherwise appear there too.
+    _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount private")
     devices = [d for d in HARMLESS_DEVICES if libc.mount(d, d, None, _MS_BIND, None) == 0]
     if _readonly_tree(libc):
         clear = _MountAttr(attr_clr=_MOUNT_ATTR_NODEV)  # on those bind mounts only: each is one device
@@ -156,7 +169,7 @@ def enter_job_namespaces(workdir: str, support: dict) -> None:
     # vanishes with the job's mount namespace, so nothing is left on the host and nothing is removed.
     options = f"size={TMPFS_MB}m,mode=0700".encode()
     _check(libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options), "tmpfs")
-    if support.get("proc"):
+    if support.get("proc") and support["pid"]:
         flags = _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
         _check(libc.mount(b"proc", b"/proc", b"proc", flags, None), "proc")
 
@@ -183,52 +196,64 @@ def _last_capability() -> int:
 _LAST_CAP = _last_capability()
 
 
-def drop_privileges() -> None:
-    """No capabilities (bounding set, effective, permitted, inheritable; hence no ambient ones) and
-    ``no_new_privs``.
+def drop_privileges(support: dict) -> None:
+    """No capabilities (bounding set, effective, permitted, inheritable; hence no ambient ones),
+    ``no_new_privs``, not dumpable, and the seccomp filter (``seccomp.py``) where granted.
 
     A process that entered a user namespace holds every capability in it; without this, a job could
     undo its read-only mounts (``mount -o remount,rw /``) and write to the host's files as our user.
+    Not dumpable: jobs share a user, so where they can see each other (no ``/proc`` of their own) one
+    could otherwise read another's memory (its proof's nonce) through ``/proc/PID/mem``.
     """
     libc = _libc()
+    _check(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
     for capability in range(_LAST_CAP + 1):
         libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0)  # fails (harmlessly) without CAP_SETPCAP
     _check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     header, data = _CapHeader(_CAPABILITY_VERSION_3, 0), _CapDataPair()
     _check(libc.capset(ctypes.byref(header), data), "capset")
+    if support.get("seccomp"):
+        seccomp.install(libc)
 
 
 # ------------------------------------------------------------------------------------------------ probe
+
+
+_FEATURES = ("user", "network", "pid", "readonly_mounts", "proc", "ipc", "seccomp")
 
 
 def probe_isolation(workdir: str, *, server: dict, pid_namespace: int | None) -> dict:
     """Which isolation this kernel grants a job, tried in real job children (in the server, after
     :func:`enter_server_namespaces`; ``server`` is what that returned).
 
-    Everything is tried first; what fails is given up one piece at a time, in the order containers most
-    often refuse it: a new ``/proc`` (refused where the container masks parts of its own), a
-    network namespace per job (only when the server has none), mounts, then PID namespaces.
+    Everything at once first (one probe job where nothing is refused); else from a bare fork upwards,
+    each piece kept only if a job with it (and what was kept before) runs: PID namespace, mounts,
+    ``/proc`` (refused where a container masks parts of its own), IPC namespace, seccomp, and a network
+    namespace per job when the server has none. Nothing is given up because something else failed.
     """
-    pid = bool(server["pid"] and pid_namespace is not None)
-    attempt = {
-        "user": server["user"],  # the server's: jobs have no capabilities in it
-        "network": True,  # the server's, or one per job
-        "own_network": not server["network"],
-        "pid": pid,
-        "readonly_mounts": True,
-        "proc": pid,
-        "reason": "",
-    }
-    steps = [("proc",), ("own_network", "network"), ("readonly_mounts", "proc"), ("pid", "proc")]
-    for drop in [(), *steps]:
-        if drop and not attempt[drop[0]]:
-            continue  # nothing to give up (no /proc without a PID namespace, no network of its own)
-        attempt = {**attempt, **dict.fromkeys(drop, False)}
-        if _try_job(workdir, attempt, pid_namespace):
-            refused = [k for k in ("user", "network", "pid", "readonly_mounts", "proc") if not attempt[k]]
-            reason = f"the kernel refused: {', '.join(refused)}" if refused else ""
-            return {**attempt, "reason": reason}
-    return {**attempt, "network": server["network"], "reason": "unshare() not permitted"}
+    can_pid = bool(server["pid"] and pid_namespace is not None)
+    bare = {"user": server["user"], "network": server["network"], "own_network": False}
+    bare.update(dict.fromkeys(("pid", "readonly_mounts", "proc", "ipc", "seccomp"), False))
+    steps = [
+        {"pid": True} if can_pid else None,
+        {"readonly_mounts": True},
+        {"proc": True},  # needs both of the above
+        {"ipc": True},
+        {"seccomp": True} if seccomp.FILTER is not None else None,
+        {"own_network": True, "network": True} if not server["network"] else None,
+    ]
+    steps = [step for step in steps if step and not ("proc" in step and not can_pid)]
+    everything = {k: v for step in steps for k, v in step.items()}
+    granted = {**bare, **everything}
+    if not _try_job(workdir, granted, pid_namespace):
+        granted = dict(bare)
+        for step in steps:
+            if "proc" in step and not (granted["pid"] and granted["readonly_mounts"]):
+                continue
+            if _try_job(workdir, {**granted, **step}, pid_namespace):
+                granted.update(step)
+    refused = [k for k in _FEATURES if not granted[k]]
+    return {**granted, "reason": f"not granted: {', '.join(refused)}" if refused else ""}
 
 
 def _try_job(workdir: str, attempt: dict, pid_namespace: int | None) -> bool:
@@ -239,7 +264,7 @@ def _try_job(workdir: str, attempt: dict, pid_namespace: int | None) -> bool:
     if pid == 0:
         try:
             enter_job_namespaces(workdir, attempt)
-            drop_privileges()
+            drop_privileges(attempt)
             ok = not attempt["pid"] or os.getpid() == 1
             os._exit(0 if ok else 1)
         except BaseException:  # noqa: BLE001
@@ -290,3 +315,9 @@ def _readonly_each_mount(libc) -> None:
             continue
         flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | kept
         libc.mount(None, point.encode(), None, flags, None)
+    # Fail closed: a mount that stayed writable (a refused remount, a name this parser mangled) means
+    # the probe must not report read-only mounts.
+    with open("/proc/self/mountinfo") as handle:
+        writable = [line.split()[4] for line in handle if "ro" not in line.split()[5].split(",")]
+    if writable:
+        raise OSError(f"mounts still writable after the read-only remount: {writable[:5]}")

@@ -198,7 +198,11 @@ def recv(stream):
 
 
 def _warn_once(support: dict) -> None:
-    missing = [n for n in ("user", "network", "pid", "readonly_mounts", "proc") if not support.get(n)]
+    missing = [
+        n
+        for n in ("user", "network", "pid", "readonly_mounts", "proc", "ipc", "seccomp")
+        if not support.get(n)
+    ]
     key = ",".join(missing)
     if missing and key not in _warned:
         _warned.add(key)

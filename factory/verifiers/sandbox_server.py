@@ -47,7 +47,7 @@ def _child(job: dict, fds: dict, nonce: bytes, support: dict) -> None:
         os.setsid()
         isolation.enter_job_namespaces(fds["workdir"], support)
         _set_limits(job["limits"])
-        isolation.drop_privileges()
+        isolation.drop_privileges(support)
         os.chdir(fds["workdir"])
         os.environ.clear()
         os.environ.update(
@@ -57,7 +57,7 @@ def _child(job: dict, fds: dict, nonce: bytes, support: dict) -> None:
             os.dup2(fd, target)
         proof = os.dup2(fds["proof"], 3 + os.urandom(1)[0] % 200)  # a random descriptor number
         os.closerange(3, proof)
-        os.closerange(proof + 1, 65536)
+        os.closerange(proof + 1, 2**31 - 1)  # close_range(2): every descriptor above
         sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
         sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
         sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False, buffering=1)  # noqa: SIM115
@@ -310,6 +310,8 @@ def serve(workers: int) -> None:
     try:
         server = _Server(workers, proto_in, proto_out, base=base, server_ns=server_ns)
         server.loop()
+    except BrokenPipeError:
+        pass  # the caller went away (as PID 1 the server is immune to its own SIGPIPE): nothing to report to
     finally:
         _remove_tree(base)
 
