@@ -102,3 +102,35 @@ def _kill_processes_with(marker: str) -> int:
                 continue
     time.sleep(0.05)
     return found
+
+
+def test_old_kernel_read_only_remounts_hold(tmp_path, monkeypatch):
+    """Kernels before 5.12 (no mount_setattr): every visible mount is remounted read-only one by one,
+    and the result is checked; forced here in a job child of the test."""
+    monkeypatch.setattr(isolation, "_readonly_tree", lambda libc: False)
+    outside = tmp_path / "outside.txt"
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    support = {"user": True, "network": True, "own_network": False, "pid": False, "readonly_mounts": True}
+    support.update(proc=False, ipc=True, seccomp=True)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            isolation.enter_job_namespaces(str(workdir), support)
+            isolation.drop_privileges(support)
+            results = []
+            for path in (outside, workdir / "inside.txt"):
+                try:
+                    path.write_text("x")
+                    results.append("wrote")
+                except OSError as error:
+                    results.append(error.strerror)
+            os.write(write, "|".join(results).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as handle:
+        assert handle.read() == "Read-only file system|wrote"
+    assert not outside.exists()

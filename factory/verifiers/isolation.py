@@ -42,6 +42,7 @@ HARMLESS_DEVICES = (b"/dev/null", b"/dev/zero", b"/dev/random", b"/dev/urandom")
 _PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_NO_NEW_PRIVS = 1, 4, 24, 38
 _KEYCTL_JOIN_SESSION_KEYRING = 1
 _CAPABILITY_VERSION_3 = 0x20080522
+SHM_MB = 16  # the job's own /dev/shm (with mount namespaces)
 TMPFS_MB = 64  # the job's working directory (with mount namespaces); files are capped by RLIMIT_FSIZE too
 # statvfs flag bits that a read-only bind remount must repeat (the kernel refuses to drop them).
 _KEEP_FLAGS = {2: 2, 4: 4, 8: 8, 1024: 1024, 2048: 2048, 4096: 1 << 21}  # nosuid nodev noexec noatime ...
@@ -169,6 +170,10 @@ def enter_job_namespaces(workdir: str, support: dict) -> None:
     # vanishes with the job's mount namespace, so nothing is left on the host and nothing is removed.
     options = f"size={TMPFS_MB}m,mode=0700".encode()
     _check(libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options), "tmpfs")
+    # And a small /dev/shm of its own, for POSIX semaphores and shared memory (multiprocessing).
+    if os.path.isdir("/dev/shm"):
+        shm = f"size={SHM_MB}m,mode=1777".encode()
+        libc.mount(b"tmpfs", b"/dev/shm", b"tmpfs", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, shm)
     if support.get("proc") and support["pid"]:
         flags = _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
         _check(libc.mount(b"proc", b"/proc", b"proc", flags, None), "proc")
@@ -316,8 +321,14 @@ def _readonly_each_mount(libc) -> None:
         flags = _MS_REMOUNT | _MS_BIND | _MS_RDONLY | _MS_NOSUID | _MS_NODEV | kept
         libc.mount(None, point.encode(), None, flags, None)
     # Fail closed: a mount that stayed writable (a refused remount, a name this parser mangled) means
-    # the probe must not report read-only mounts.
-    with open("/proc/self/mountinfo") as handle:
-        writable = [line.split()[4] for line in handle if "ro" not in line.split()[5].split(",")]
+    # the probe must not report read-only mounts. Only what a path reaches counts: a mount hidden under
+    # another one at the same point cannot be remounted, nor written, through any path.
+    writable = []
+    for point in dict.fromkeys(points):
+        try:
+            if not os.statvfs(point).f_flag & os.ST_RDONLY:
+                writable.append(point)
+        except OSError:
+            continue
     if writable:
         raise OSError(f"mounts still writable after the read-only remount: {writable[:5]}")

@@ -6,6 +6,9 @@ need ``no_new_privs``). It refuses with ``EPERM``:
 * the kernel keyrings (``add_key``, ``request_key``, ``keyctl``): keyrings are per user, not per
   namespace, so a job could read or clear the caller's session keyring and leave keys for later jobs;
 * other processes' memory (``ptrace``, ``process_vm_readv``, ``process_vm_writev``);
+* new user namespaces (``unshare`` or ``clone`` with ``CLONE_NEWUSER``; ``clone3``, whose flags a filter
+  cannot read, answers ``ENOSYS`` so that libc falls back to ``clone``) and ``io_uring``: both are
+  common ways into kernel bugs, and no test program needs them;
 * every system call of another ABI (32-bit ``int 0x80`` on x86_64, the x32 ABI), whose numbers differ
   and would bypass the list.
 
@@ -22,15 +25,26 @@ import platform
 
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 _RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
-_LD_W_ABS, _JEQ_K, _JGE_K, _RET_K = 0x20, 0x15, 0x35, 0x06
-_X32_BIT = 0x40000000
+_LD_W_ABS, _JEQ_K, _JGE_K, _JSET_K, _RET_K = 0x20, 0x15, 0x35, 0x45, 0x06
+_X32_BIT, _CLONE_NEWUSER = 0x40000000, 0x10000000
+_ARCH_OFFSET, _NR_OFFSET, _ARG0_OFFSET = 4, 0, 16  # struct seccomp_data (arg0's low 32 bits: little-endian)
 
-# audit arch, denied system call numbers
+# audit arch; refused outright; refused with CLONE_NEWUSER in the first argument; clone3
 _ARCHES = {
-    "x86_64": (0xC000003E, {"add_key": 248, "request_key": 249, "keyctl": 250, "ptrace": 101,
-                            "process_vm_readv": 310, "process_vm_writev": 311}),
-    "aarch64": (0xC00000B7, {"add_key": 217, "request_key": 218, "keyctl": 219, "ptrace": 117,
-                             "process_vm_readv": 270, "process_vm_writev": 271}),
+    "x86_64": (
+        0xC000003E,
+        {"add_key": 248, "request_key": 249, "keyctl": 250, "ptrace": 101, "process_vm_readv": 310,
+         "process_vm_writev": 311, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427},
+        {"unshare": 272, "clone": 56},
+        435,
+    ),
+    "aarch64": (
+        0xC00000B7,
+        {"add_key": 217, "request_key": 218, "keyctl": 219, "ptrace": 117, "process_vm_readv": 270,
+         "process_vm_writev": 271, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427},
+        {"unshare": 97, "clone": 220},
+        435,
+    ),
 }  # fmt: skip
 KEYCTL = {"x86_64": 250, "aarch64": 219}  # for isolation.py's session keyring
 
@@ -48,25 +62,58 @@ class _Program(ctypes.Structure):
     _fields_ = [("len", ctypes.c_uint16), ("filter", ctypes.POINTER(_Filter))]
 
 
-def build(machine: str) -> _Program | None:
-    """The BPF program for ``machine`` (``platform.machine()``); None where there is none."""
+def assemble(machine: str) -> list[tuple[int, int, int, int]] | None:
+    """The BPF instructions (code, jt, jf, k) for ``machine``; None where there is no filter.
+
+    Jump targets are written as labels and resolved here, since BPF jumps are relative and forward-only.
+    """
     if machine not in _ARCHES:
         return None
-    arch, denied = _ARCHES[machine]
-    deny = _RET_ERRNO | errno.EPERM
-    code = [(_LD_W_ABS, 0, 0, 4)]  # seccomp_data.arch
-    code.append((_JEQ_K, 1, 0, arch))  # native ABI: go on; else deny
-    code.append((_RET_K, 0, 0, deny))
-    code.append((_LD_W_ABS, 0, 0, 0))  # seccomp_data.nr
+    arch, denied, no_new_user, clone3 = _ARCHES[machine]
+    program: list[tuple] = [
+        (_LD_W_ABS, None, None, _ARCH_OFFSET),
+        (_JEQ_K, "native", "deny", arch),
+        ("native",),
+        (_LD_W_ABS, None, None, _NR_OFFSET),
+    ]
     if machine == "x86_64":
-        code.append((_JGE_K, 0, 1, _X32_BIT))  # x32 system calls: deny
-        code.append((_RET_K, 0, 0, deny))
-    numbers = sorted(denied.values())
-    for i, number in enumerate(numbers):
-        # On a match jump to the deny at the end; else fall through to the next comparison.
-        code.append((_JEQ_K, len(numbers) - i, 0, number))
-    code.append((_RET_K, 0, 0, _RET_ALLOW))
-    code.append((_RET_K, 0, 0, deny))
+        program.append((_JGE_K, "deny", None, _X32_BIT))
+    program.append((_JEQ_K, "enosys", None, clone3))
+    program += [(_JEQ_K, "flags", None, number) for number in sorted(no_new_user.values())]
+    program += [(_JEQ_K, "deny", None, number) for number in sorted(denied.values())]
+    program += [
+        (_RET_K, None, None, _RET_ALLOW),
+        ("flags",),
+        (_LD_W_ABS, None, None, _ARG0_OFFSET),
+        (_JSET_K, "deny", None, _CLONE_NEWUSER),
+        (_RET_K, None, None, _RET_ALLOW),
+        ("enosys",),
+        (_RET_K, None, None, _RET_ERRNO | errno.ENOSYS),
+        ("deny",),
+        (_RET_K, None, None, _RET_ERRNO | errno.EPERM),
+    ]
+    labels, position = {}, 0
+    for item in program:
+        if len(item) == 1:
+            labels[item[0]] = position
+        else:
+            position += 1
+    code, position = [], 0
+    for item in program:
+        if len(item) == 1:
+            continue
+        op, jt, jf, k = item
+        offset = {None: 0, **{name: at - position - 1 for name, at in labels.items()}}
+        code.append((op, offset[jt], offset[jf], k))
+        position += 1
+    return code
+
+
+def build(machine: str) -> _Program | None:
+    """The BPF program for ``machine`` (``platform.machine()``); None where there is none."""
+    code = assemble(machine)
+    if code is None:
+        return None
     array = (_Filter * len(code))(*[_Filter(*c) for c in code])
     program = _Program(len(code), ctypes.cast(array, ctypes.POINTER(_Filter)))
     program._keep = array  # the array must live as long as the program
