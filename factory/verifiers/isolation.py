@@ -149,13 +149,12 @@ def enter_job_namespaces(workdir: str, support: dict) -> None:
     harmless devices), a tmpfs at ``workdir``, a read-only ``/proc`` of its own (as PID 1 of its
     namespace). Call :func:`drop_privileges` afterwards."""
     libc = _libc()
-    if support.get("own_network"):
-        _check(libc.unshare(_CLONE_NEWNET), "unshare(CLONE_NEWNET)")
+    flags = _CLONE_NEWNET * bool(support.get("own_network")) | _CLONE_NEWIPC * bool(support.get("ipc"))
+    flags |= _CLONE_NEWNS * bool(support["readonly_mounts"])
+    if flags:
+        _check(libc.unshare(flags), "unshare")
     if not support["readonly_mounts"]:
-        if support.get("ipc"):
-            _check(libc.unshare(_CLONE_NEWIPC), "unshare(CLONE_NEWIPC)")
         return
-    _check(libc.unshare(_CLONE_NEWNS | _CLONE_NEWIPC * support.get("ipc", False)), "unshare(CLONE_NEWNS)")
     # Private before anything is mounted: where the mounts are shared with the server's namespace (root
     # without a user namespace), the bind mounts below would otherwise appear there too.
     _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount private")
@@ -224,7 +223,8 @@ def drop_privileges(support: dict) -> None:
 # ------------------------------------------------------------------------------------------------ probe
 
 
-_FEATURES = ("user", "network", "pid", "readonly_mounts", "proc", "ipc", "seccomp")
+# What a job's isolation is made of: the keys of the probe's answer, each True where granted.
+FEATURES = ("user", "network", "pid", "readonly_mounts", "proc", "ipc", "seccomp")
 
 
 def probe_isolation(workdir: str, *, server: dict, pid_namespace: int | None) -> dict:
@@ -257,7 +257,7 @@ def probe_isolation(workdir: str, *, server: dict, pid_namespace: int | None) ->
                 continue
             if _try_job(workdir, {**granted, **step}, pid_namespace):
                 granted.update(step)
-    refused = [k for k in _FEATURES if not granted[k]]
+    refused = [k for k in FEATURES if not granted[k]]
     return {**granted, "reason": f"not granted: {', '.join(refused)}" if refused else ""}
 
 
@@ -297,10 +297,10 @@ class _MountAttr(ctypes.Structure):
 
 
 def _readonly_tree(libc) -> bool:
-    """Every mount read-only, nosuid, nodev and private in one ``mount_setattr`` call (Linux 5.12+);
-    False if refused."""
+    """Every mount read-only, nosuid and nodev in one ``mount_setattr`` call (Linux 5.12+); False if
+    refused. (Propagation is already private: :func:`enter_job_namespaces`.)"""
     flags = _MOUNT_ATTR_RDONLY | _MOUNT_ATTR_NOSUID | _MOUNT_ATTR_NODEV
-    attr = _MountAttr(attr_set=flags, propagation=_MS_PRIVATE)
+    attr = _MountAttr(attr_set=flags)
     result = libc.syscall(
         _SYS_MOUNT_SETATTR, _AT_FDCWD, b"/", _AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)
     )
@@ -308,9 +308,8 @@ def _readonly_tree(libc) -> bool:
 
 
 def _readonly_each_mount(libc) -> None:
-    """Older kernels: private propagation, then a read-only, nosuid, nodev bind remount of each mount
-    point (the harmless devices too: no device at all on these kernels)."""
-    _check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "mount private")
+    """Older kernels: a read-only, nosuid, nodev bind remount of each mount point (the harmless devices
+    too: no device at all on these kernels). Propagation is already private: :func:`enter_job_namespaces`."""
     with open("/proc/self/mountinfo") as handle:
         points = [line.split()[4].replace("\\040", " ") for line in handle]
     for point in reversed(points):

@@ -28,6 +28,7 @@ import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 
+from factory.verifiers.isolation import FEATURES
 from factory.verifiers.sandbox_server import HEADER
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,8 @@ class Sandbox:
         _warn_once(self.support)
 
     def isolation(self) -> dict:
-        """What the kernel granted (``user``, ``network``, ``pid``, ``readonly_mounts``, ``proc``); starts
-        the server if needed."""
+        """What the kernel granted (``isolation.FEATURES``: user, network, pid, readonly_mounts, proc, ipc,
+        seccomp; each True or False); starts the server if needed."""
         if self._proc is None:
             self._start()
         return self.support
@@ -198,11 +199,7 @@ def recv(stream):
 
 
 def _warn_once(support: dict) -> None:
-    missing = [
-        n
-        for n in ("user", "network", "pid", "readonly_mounts", "proc", "ipc", "seccomp")
-        if not support.get(n)
-    ]
+    missing = [n for n in FEATURES if not support.get(n)]
     key = ",".join(missing)
     if missing and key not in _warned:
         _warned.add(key)
