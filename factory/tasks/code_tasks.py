@@ -27,7 +27,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from factory.tasks.loading import config_fingerprint, prepare_pool, read_jsonl, resolve_data_dir, select_split
+from factory.tasks.loading import (
+    answer_strictness,
+    config_fingerprint,
+    prepare_pool,
+    read_jsonl,
+    resolve_data_dir,
+    select_split,
+)
 from factory.verifiers.code import make_sandbox, verify_batch
 
 PROMPT_STYLES = ("plain", "chat")
@@ -233,9 +240,7 @@ class _CodeTask:
 
         The sandbox server starts on the first call and is reused until :meth:`close`.
         """
-        strictness = strictness or self.cfg.strictness
-        if strictness != "answer":
-            raise ValueError(f"task {self.name!r} only supports strictness='answer', got {strictness!r}")
+        answer_strictness(self, strictness)
         timeout = float(self.cfg.verifier_timeout)
         if self._sandbox is None:
             self._sandbox = make_sandbox(

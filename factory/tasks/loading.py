@@ -37,6 +37,14 @@ def config_fingerprint(cfg, keys: tuple[str, ...]) -> dict:
     return {k: values.get(k) for k in keys}
 
 
+def answer_strictness(task, strictness: str | None) -> str:
+    """The verify strictness of a task that only judges final answers (math, code): ``answer``."""
+    strictness = strictness or task.cfg.strictness
+    if strictness != "answer":
+        raise ValueError(f"task {task.name!r} only supports strictness='answer', got {strictness!r}")
+    return strictness
+
+
 def prepare_pool(pool: list[dict], cfg, *, task_name: str) -> list[dict]:
     """A benchmark task's training pool after ``task.max_chars`` and ``task.shuffle``.
 

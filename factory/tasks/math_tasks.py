@@ -11,6 +11,7 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from factory.tasks.loading import (
+    answer_strictness,
     config_fingerprint,
     load_hub,
     prepare_pool,
@@ -144,9 +145,7 @@ class _BenchmarkTask:
 
         The verifier's worker pool starts on the first call and is reused until :meth:`close`.
         """
-        strictness = strictness or self.cfg.strictness
-        if strictness != "answer":
-            raise ValueError(f"task {self.name!r} only supports strictness='answer', got {strictness!r}")
+        answer_strictness(self, strictness)
         timeout = float(self.cfg.verifier_timeout)
         if self._verifier is None:
             self._verifier = make_pool(timeout=timeout, workers=int(self.cfg.verifier_workers))
