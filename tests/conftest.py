@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from factory.config import compose
@@ -98,3 +100,17 @@ def vllm_sampler(tiny_model_dir, tiny_model_and_tokenizer):
     settings = OmegaConf.structured(VllmSamplerConfig(dtype="float32"))
     with open_vllm(tiny_model_dir, tokenizer=tiny_model_and_tokenizer[1], settings=settings) as sampler:
         yield sampler
+
+
+def processes_with(marker: str) -> list[int]:
+    """PIDs of the processes whose command line contains ``marker`` (a job's escaped processes)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                    if marker.encode() in handle.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found

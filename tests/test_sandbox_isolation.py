@@ -12,6 +12,8 @@ import signal
 import time
 from dataclasses import asdict
 
+from conftest import processes_with
+
 from factory.verifiers import isolation
 from factory.verifiers.sandbox import Limits, recv
 from factory.verifiers.sandbox_server import HEADER, _Server
@@ -85,23 +87,11 @@ def test_server_without_namespaces_still_judges_and_cleans_up(tmp_path):
     assert outcomes[4]["status"] == "timeout"
     # Without a PID namespace the server can only kill the job's process group, and a process that
     # started a session of its own is not in it: the limit docs/code_verifier.md states for this fallback.
-    assert _kill_processes_with(marker) == 1
+    escaped = processes_with(marker)
+    for pid in escaped:
+        os.kill(pid, signal.SIGKILL)
+    assert len(escaped) == 1
     assert os.listdir(base) == ["work"]  # the jobs' tmpfs work directories left nothing behind
-
-
-def _kill_processes_with(marker: str) -> int:
-    found = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as handle:
-                    if marker.encode() in handle.read():
-                        os.kill(int(entry), signal.SIGKILL)
-                        found += 1
-            except OSError:
-                continue
-    time.sleep(0.05)
-    return found
 
 
 def test_old_kernel_read_only_remounts_hold(tmp_path, monkeypatch):
