@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from factory.config import compose
+
+# The benchmark files (GSM8K, MATH, MBPP, APPS): ../shared/datasets beside the checkout, as in CI.
+DATA_DIR = Path(os.environ.get("RESTEM_DATA_DIR") or Path(__file__).parents[1].parent / "shared" / "datasets")
+
+
+def needs_data(*relative: str) -> None:
+    """Skip the calling test, naming the files, when a benchmark file is not under :data:`DATA_DIR`."""
+    missing = [f for f in relative if not (DATA_DIR / f).is_file()]
+    if missing:
+        pytest.skip(
+            f"dataset files {missing} not under {DATA_DIR} (set RESTEM_DATA_DIR to the shared datasets)"
+        )
+
 
 SHRINK = [
     "task.num_human=60",

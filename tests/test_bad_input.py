@@ -8,6 +8,7 @@ import sys
 
 import polars as pl
 import pytest
+from conftest import DATA_DIR, needs_data
 from datasets import load_from_disk
 
 from factory import loop, snapshot, verify
@@ -109,7 +110,9 @@ def test_model_path_that_does_not_exist(tmp_path, capsys):
 
 
 def test_zero_problems_after_filtering(tmp_path, capsys):
-    err = _command(loop.main, ["task=gsm8k", "task.max_chars=20", *_paths(tmp_path)], capsys)
+    needs_data("gsm8k/train.jsonl", "gsm8k/test.jsonl")
+    overrides = ["task=gsm8k", "task.max_chars=20", f"paths.data_dir={DATA_DIR}", *_paths(tmp_path)]
+    err = _command(loop.main, overrides, capsys)
     assert err.startswith("error: task 'gsm8k': ") and "max_chars=20" in err
 
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
+from conftest import DATA_DIR, needs_data
 
 import factory.loop as loop
 from factory.config import compose
@@ -15,16 +15,8 @@ from factory.tasks.code_tasks import apps_problem, humaneval_problem, mbpp_as_fu
 from factory.verifiers.__main__ import main as cli_main
 from factory.verifiers.code import build_program, extract_code, verify_batch
 
-DATA_DIR = Path(os.environ.get("RESTEM_DATA_DIR") or Path(__file__).parents[1].parent / "shared" / "datasets")
 MBPP_FILES = {"full": "mbpp/mbpp.jsonl", "sanitized": "mbpp/sanitized-mbpp.json"}
 APPS_FILE = "apps/apps_10_test_sample.jsonl"
-
-
-def _needs(relative: str) -> None:
-    if not (DATA_DIR / relative).is_file():
-        pytest.skip(
-            f"dataset file {relative} not under {DATA_DIR} (set RESTEM_DATA_DIR to the shared datasets)"
-        )
 
 
 def _task(name: str, *overrides: str):
@@ -53,7 +45,7 @@ def test_humaneval_canonical_solutions_pass_and_return_none_fails():
 
 @pytest.mark.parametrize("variant", ["sanitized", pytest.param("full", marks=pytest.mark.slow)])
 def test_mbpp_reference_code_passes(variant):
-    _needs(MBPP_FILES[variant])
+    needs_data(MBPP_FILES[variant])
     # A generous timeout: mbpp-123 (amicable numbers below 10,000) takes seconds on a loaded machine.
     task = _task("mbpp", f"task.variant={variant}", "task.verifier_timeout=30")
     try:
@@ -72,7 +64,7 @@ def test_mbpp_reference_code_passes(variant):
 
 @pytest.mark.slow
 def test_humaneval_training_pool_solutions_continue_their_prompts():
-    _needs(MBPP_FILES["full"])
+    needs_data(MBPP_FILES["full"])
     task = _task("humaneval", "task.verifier_timeout=30")
     try:
         pool, test = task._load()
@@ -84,7 +76,7 @@ def test_humaneval_training_pool_solutions_continue_their_prompts():
 
 
 def test_mbpp_splits_follow_the_official_ranges():
-    _needs(MBPP_FILES["full"])
+    needs_data(MBPP_FILES["full"])
     task = _task("mbpp", "task.num_human=10", "task.num_train=374")
     splits = {s: task.load_problems(split=s) for s in ("human", "train", "validation", "test")}
     ids = {s: [int(p["problem_id"].split("-")[1]) for p in v] for s, v in splits.items()}
@@ -176,7 +168,7 @@ def test_apps_stdio_and_call_based():
 
 
 def test_apps_sample_file_loads_as_stdio_tests():
-    _needs(APPS_FILE)
+    needs_data(APPS_FILE)
     task = _task("apps")
     try:
         problems = task.load_problems(split="test")
@@ -191,7 +183,7 @@ def test_apps_sample_file_loads_as_stdio_tests():
 
 
 def test_prompts_and_config_errors():
-    _needs(MBPP_FILES["full"])
+    needs_data(MBPP_FILES["full"])
     mbpp = _task("mbpp")
     problem = mbpp.load_problems(split="test", limit=1)[0]
     prompt = mbpp.format_prompt(problem)
@@ -248,7 +240,7 @@ E2E = [
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["mbpp", "humaneval"])
 def test_loop_end_to_end_on_a_code_task(name, make_cfg, monkeypatch):
-    _needs(MBPP_FILES["full"])
+    needs_data(MBPP_FILES["full"])
     built = []
 
     def recording_build_task(*args, **kwargs):

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 import pytest
+from conftest import DATA_DIR, needs_data
 
 import factory.loop as loop
 from factory.base_model import base_model_key
 from factory.config import compose
 from factory.tasks import build_task
 
-DATA_DIR = Path(os.environ.get("RESTEM_DATA_DIR") or Path(__file__).parents[1].parent / "shared" / "datasets")
 FILES = {
     "gsm8k": ["gsm8k/train.jsonl", "gsm8k/test.jsonl"],
     "math": ["math/train.jsonl", "math/test.jsonl"],
@@ -27,14 +26,6 @@ CHAT_TEMPLATE = (
 )
 
 
-def _needs_data(name: str) -> None:
-    missing = [f for f in FILES[name] if not (DATA_DIR / f).is_file()]
-    if missing:
-        pytest.skip(
-            f"dataset files {missing} not under {DATA_DIR} (set RESTEM_DATA_DIR to the shared datasets)"
-        )
-
-
 def _task(name: str, *overrides: str, data_dir=DATA_DIR):
     cfg = compose([f"task={name}", f"paths.data_dir={data_dir}", *overrides])
     return build_task(cfg.task, data_dir=cfg.paths.data_dir)
@@ -42,7 +33,7 @@ def _task(name: str, *overrides: str, data_dir=DATA_DIR):
 
 @pytest.mark.parametrize("name", ["gsm8k", "math", "math500"])
 def test_splits_are_sized_disjoint_stable_and_have_golds(name):
-    _needs_data(name)
+    needs_data(*FILES[name])
     task = _task(name)
     splits = {s: task.load_problems(split=s) for s in ("human", "train", "validation", "test")}
     assert {s: len(p) for s, p in splits.items()} == {
@@ -59,7 +50,7 @@ def test_splits_are_sized_disjoint_stable_and_have_golds(name):
 
 
 def test_gsm8k_ids_and_solution_format():
-    _needs_data("gsm8k")
+    needs_data(*FILES["gsm8k"])
     problems = _task("gsm8k").load_problems(split="human")
     assert problems[0]["problem_id"] == "gsm8k-train-0"
     for p in problems:
@@ -68,7 +59,7 @@ def test_gsm8k_ids_and_solution_format():
 
 
 def test_math500_pool_is_all_of_math_minus_its_test_ids():
-    _needs_data("math500")
+    needs_data(*FILES["math500"])
     task = _task("math500", "task.num_human=0", "task.num_validation=0", "task.num_train=null")
     pool = {p["problem_id"] for p in task.load_problems(split="train")}
     test = {p["problem_id"] for p in task.load_problems(split="test")}
@@ -80,7 +71,7 @@ def test_math500_pool_is_all_of_math_minus_its_test_ids():
 
 @pytest.mark.parametrize("name", ["gsm8k", "math500"])
 def test_human_solutions_pass_the_tasks_own_verifier(name):
-    _needs_data(name)
+    needs_data(*FILES[name])
     task = _task(name)
     problems = random.Random(0).sample(task.load_problems(split="human"), 50)
     try:
@@ -96,7 +87,7 @@ def test_human_solutions_pass_the_tasks_own_verifier(name):
 
 
 def test_plain_and_fewshot_prompts():
-    _needs_data("gsm8k")
+    needs_data(*FILES["gsm8k"])
     problem = _task("gsm8k").load_problems(split="test")[0]
     assert _task("gsm8k").format_prompt(problem) == f"Question: {problem['question']}\nAnswer: "
     task = _task("gsm8k", "task.prompt_style=fewshot", "task.num_shots=3", "task.num_human=10")
@@ -115,7 +106,7 @@ def test_plain_and_fewshot_prompts():
 def test_chat_prompt_uses_the_tokenizers_template(name, instruction):
     from factory.models import train_char_tokenizer
 
-    _needs_data(name)
+    needs_data(*FILES[name])
     task = _task(name, "task.prompt_style=chat")
     problem = task.load_problems(split="test")[0]
     tokenizer = train_char_tokenizer(["abc"])
@@ -190,7 +181,7 @@ def test_missing_data_dir_names_the_path_and_the_setting(tmp_path):
 
 
 def test_empty_or_overlapping_selection_is_a_clear_error():
-    _needs_data("gsm8k")
+    needs_data(*FILES["gsm8k"])
     with pytest.raises(ValueError, match=r"zero 'train' problems.*num_train=0"):
         _task("gsm8k", "task.num_train=0").load_problems(split="train")
     with pytest.raises(ValueError, match=r"zero 'test' problems.*num_test=0"):
@@ -255,7 +246,7 @@ E2E = [
 @pytest.mark.slow
 @pytest.mark.parametrize("name, max_chars", [("gsm8k", 200), ("math500", 150)])
 def test_loop_end_to_end_on_a_benchmark(name, max_chars, make_cfg, monkeypatch):
-    _needs_data(name)
+    needs_data(*FILES[name])
     built = []
 
     def recording_build_task(*args, **kwargs):
