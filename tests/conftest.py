@@ -9,6 +9,25 @@ import pytest
 
 from factory.config import compose
 
+
+def pytest_configure(config):
+    """Every run starts from a cold, private Hugging Face cache: no test may pass only because an earlier
+    test (or an earlier run) left a dataset or model in ~/.cache/huggingface. Set before ``datasets`` and
+    ``huggingface_hub`` are imported, which read these variables once."""
+    import tempfile
+
+    hf_home = tempfile.mkdtemp(prefix="restem-test-hf-")
+    os.environ["HF_HOME"] = hf_home
+    os.environ.pop("HF_DATASETS_CACHE", None)
+    os.environ.pop("HF_HUB_CACHE", None)
+    config.restem_hf_home = hf_home
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    shutil.rmtree(getattr(config, "restem_hf_home", ""), ignore_errors=True)
+
 # The benchmark files (GSM8K, MATH, MBPP, APPS): ../shared/datasets beside the checkout, as in CI.
 DATA_DIR = Path(os.environ.get("RESTEM_DATA_DIR") or Path(__file__).parents[1].parent / "shared" / "datasets")
 

@@ -254,4 +254,6 @@ def test_publish_command_exports_and_reports_errors(tmp_path, capsys):
     assert len(load_dataset(str(tmp_path / "out"), name="iter_1", split="train")) == 6
     with pytest.raises(SystemExit):
         publish.main([str(tmp_path / "empty"), "--to-dir", str(tmp_path / "out2")])
-    assert capsys.readouterr().err.startswith("error: no finished snapshot")
+    # One error line naming the problem; progress bars written to stderr before it are not part of it.
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: no finished snapshot")
