@@ -27,7 +27,9 @@ _NOT_IN_KEY = ("accelerator", "devices", "strategy", "num_nodes", "checkpoint_ev
 
 def pretrain_settings(cfg: DictConfig) -> DictConfig:
     """The trainer settings base pretraining runs with: ``trainer`` overridden by ``model.pretrain``."""
-    return OmegaConf.merge(cfg.trainer, OmegaConf.to_container(cfg.model.pretrain, resolve=True))
+    pretrain = OmegaConf.to_container(cfg.model.pretrain, resolve=True)
+    pretrain.pop("select", None)  # selection settings, not trainer settings
+    return OmegaConf.merge(cfg.trainer, pretrain)
 
 
 def base_model_key(cfg: DictConfig) -> str:
@@ -43,8 +45,9 @@ def base_model_key(cfg: DictConfig) -> str:
         "tiny": OmegaConf.to_container(cfg.model.tiny, resolve=True),
         "train": {k: v for k, v in settings.items() if k not in _NOT_IN_KEY},
         "task": task.human_data_fingerprint(),
+        "select": _selection_fingerprint(cfg, task),
         "generator": arith.GENERATOR_VERSION,
-        "format": 2,
+        "format": 3,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -86,6 +89,22 @@ def _pretrain_tiny(cfg: DictConfig, out_dir: Path) -> None:
     )
     # Same Lightning code and trainer as the M-step, with the pretraining budget and learning rate.
     settings = pretrain_settings(cfg)
+    select = cfg.model.pretrain.select
+    callbacks = []
+    if select.every > 0:
+        # Trained to its validation plateau and the best scoring weights kept: a fixed step count lands at
+        # a different point of the learning curve on each CPU kind, the plateau does not.
+        from train.selection import BestOnValidation
+
+        task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
+        problems = _selection_problems(cfg, task)
+        callbacks.append(
+            BestOnValidation(
+                _greedy_accuracy(task, problems, tokenizer, cfg),
+                every=int(select.every),
+                patience=int(select.patience),
+            )
+        )
     fine_tune(
         model=model,
         tokenizer=tokenizer,
@@ -94,7 +113,49 @@ def _pretrain_tiny(cfg: DictConfig, out_dir: Path) -> None:
         settings=settings,
         desc="base pretraining",
         extra_info={"key": base_model_key(cfg)},
+        callbacks=callbacks,
     )
+
+
+def _selection_problems(cfg: DictConfig, task) -> list[dict]:
+    return task.load_problems(split="validation", limit=int(cfg.model.pretrain.select.num_problems))
+
+
+def _selection_fingerprint(cfg: DictConfig, task) -> dict | None:
+    """What base selection depends on (None when it is off): its settings, problems and decode length."""
+    select = cfg.model.pretrain.select
+    if select.every <= 0:
+        return None
+    from factory.versioning import problems_fingerprint
+
+    return {
+        **OmegaConf.to_container(select, resolve=True),
+        "problems": problems_fingerprint(_selection_problems(cfg, task)),
+        "max_new_tokens": int(cfg.eval.max_new_tokens),
+    }
+
+
+def _greedy_accuracy(task, problems: list[dict], tokenizer, cfg: DictConfig):
+    """A score function: the share of ``problems`` a model answers right with greedy decoding."""
+    from factory.sampling.hf import generate
+
+    prompts = [task.format_prompt(p, tokenizer=tokenizer) for p in problems]
+
+    def score(model) -> float:
+        outputs = generate(
+            model,
+            tokenizer,
+            prompts,
+            num_samples=1,
+            temperature=0.0,
+            max_new_tokens=int(cfg.eval.max_new_tokens),
+            batch_size=int(cfg.eval.batch_size) * int(cfg.eval.num_samples),
+            progress=False,
+        )
+        verdicts = task.verify(problems, [o[0]["completion"] for o in outputs], strictness="answer")
+        return sum(v["reward"] > 0 for v in verdicts) / len(verdicts)
+
+    return score
 
 
 def run(cfg: DictConfig) -> dict:

@@ -101,11 +101,21 @@ class TinyModelConfig:
 
 
 @dataclass
+class SelectConfig:
+    """Base-model selection on validation accuracy (train/selection.py); ``every: 0`` turns it off."""
+
+    every: int = 0  # optimizer steps between greedy scorings of the validation problems
+    patience: int = 3  # stop after this many scorings without a new best
+    num_problems: int = 200  # first N problems of the task's validation split
+
+
+@dataclass
 class PretrainConfig:
-    max_steps: int = 2400
+    max_steps: int = 2400  # the most steps; with select.every > 0 the fit stops at the validation plateau
     batch_size: int = 4
     lr: float = 1.5e-3
     warmup_steps: int = 100
+    select: SelectConfig = field(default_factory=SelectConfig)
 
 
 @dataclass

@@ -134,6 +134,9 @@ def fine_tune(
         "resumed_from_step": checkpoints.step_of(resume) if resume else None,
         **(extra_info or {}),
     }
+    for callback in callbacks or []:
+        if hasattr(callback, "summary"):  # model selection (train/selection.py): what it kept and why
+            info["selection"] = callback.summary
     if trainer.global_rank != 0:
         return info
     with atomic_dir(Path(out_dir)) as tmp:

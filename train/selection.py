@@ -1,0 +1,105 @@
+"""Model selection during a fit: score the model every few steps, keep the best weights, stop at a plateau.
+
+Base pretraining of the tiny model uses it so that the base is "trained until validation accuracy stops
+improving" rather than for a fixed number of steps: a fixed count lands at a different point of the
+curve on each CPU kind (different matmul kernels, amplified over thousands of steps), a plateau does not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import lightning as L
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class BestOnValidation(L.Callback):
+    """Every ``every`` optimizer steps, scores the model with ``score_fn(model) -> float`` (higher is
+    better), keeps a copy of the best weights, stops the fit after ``patience`` scores without an
+    improvement of more than ``min_delta``, and loads the best weights back into the model when the fit
+    ends. The score history, the best score and its step go into :attr:`summary`.
+
+    The state (history, best weights) is saved in Lightning checkpoints, so a resumed fit selects exactly
+    as an uninterrupted one does.
+    """
+
+    def __init__(
+        self,
+        score_fn: Callable[[torch.nn.Module], float],
+        *,
+        every: int,
+        patience: int,
+        min_delta: float = 0.0,
+    ):
+        if every < 1 or patience < 1:
+            raise ValueError(f"every and patience must be >= 1, got every={every}, patience={patience}")
+        self.score_fn = score_fn
+        self.every = every
+        self.patience = patience
+        self.min_delta = min_delta
+        self.history: list[tuple[int, float]] = []
+        self.best_score: float | None = None
+        self.best_step: int | None = None
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.bad = 0
+
+    def _score(self, trainer: L.Trainer, model: torch.nn.Module) -> None:
+        step = trainer.global_step
+        if self.history and self.history[-1][0] == step:
+            return
+        was_training = model.training
+        model.eval()
+        score = float(self.score_fn(model))
+        model.train(was_training)
+        self.history.append((step, score))
+        if self.best_score is None or score > self.best_score + self.min_delta:
+            self.best_score, self.best_step, self.bad = score, step, 0
+            self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        else:
+            self.bad += 1
+            if self.bad >= self.patience:
+                trainer.should_stop = True
+        log.info(
+            "step %d: validation score %.4f (best %.4f at step %d)",
+            step,
+            score,
+            self.best_score,
+            self.best_step,
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # global_step counts optimizer steps: score once per step, after its last accumulation round.
+        if trainer.global_step % self.every == 0 and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self._score(trainer, pl_module.model)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._score(trainer, pl_module.model)  # the last step counts too
+        if self.best_state is not None:
+            pl_module.model.load_state_dict(self.best_state)
+
+    @property
+    def summary(self) -> dict:
+        """What was selected: best score and step, steps trained, and every score."""
+        return {
+            "best_score": self.best_score,
+            "best_step": self.best_step,
+            "steps_trained": self.history[-1][0] if self.history else 0,
+            "history": [[step, round(score, 5)] for step, score in self.history],
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "history": self.history,
+            "best_score": self.best_score,
+            "best_step": self.best_step,
+            "best_state": self.best_state,
+            "bad": self.bad,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [tuple(x) for x in state["history"]]
+        self.best_score, self.best_step = state["best_score"], state["best_step"]
+        self.best_state, self.bad = state["best_state"], state["bad"]
