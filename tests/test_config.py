@@ -218,3 +218,22 @@ def test_tiny_recipes_compose_as_before(experiment):
         cfg = OmegaConf.to_container(compose([f"experiment={experiment}", *variant.split()]), resolve=True)
         actual = cfg if variant.startswith("trainer=cpu") else cfg[variant.split("=")[0]]
         assert _differences(actual, expected) == [], variant
+
+
+def test_every_command_in_the_real_models_doc_composes():
+    """docs/real_models.md's restem commands compose with the values the doc's tables state."""
+    import re
+    import shlex
+
+    text = (REPO / "docs" / "real_models.md").read_text()
+    commands = [
+        shlex.split(line.split(" #")[0])[1:]
+        for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+        for line in block.replace("\\\n", " ").splitlines()
+        if line.startswith((".venv/bin/restem ", "restem "))
+    ]
+    assert len(commands) >= 8
+    for args in commands:
+        cfg = compose(args)
+        assert cfg.name != "arith_demo" and cfg.trainer.lr <= 5e-5, args
+        assert cfg.sampler.max_new_tokens == MIN_NEW_TOKENS[cfg.task.name], args
