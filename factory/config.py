@@ -41,6 +41,7 @@ class ArithTaskConfig:
     max_operand: int = 5
     max_value: int = 30
     strictness: str = "steps"  # E-step reward: "answer" (outcome only, the paper) or "steps"
+    prompt_style: str = "plain"  # plain | chat (a model recipe for an instruct model sets chat)
 
 
 @dataclass
@@ -136,7 +137,7 @@ class SamplerConfig:
     temperature: float = 0.8
     top_k: int = 40  # 0 disables
     top_p: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int = 512  # each task's generation config (conf/generation/) sets its own
     batch_size: int = (
         16  # prompts per generate call (x num_samples sequences; small batches are faster on CPU)
     )
@@ -176,9 +177,10 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False
     checkpoint_every_n_steps: int = 200  # resumable checkpoints in the stage's .partial dir; 0 = none
-    lr: float = 1e-3
+    max_seq_len: int = 2048  # tokens per training sequence (prompt + completion)
+    lr: float = 1e-5  # fine-tuning a pretrained model; the tiny demo's recipe sets 1e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 50
+    warmup_steps: int = 20
     min_lr_ratio: float = 0.1  # linear decay to lr * min_lr_ratio
     grad_clip: float = 1.0
     seed: int = 0
@@ -198,7 +200,7 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [1, 4, 8])
     temperature: float = 1.0  # the paper's pass@k setting
     top_p: float = 0.95
-    max_new_tokens: int = 64
+    max_new_tokens: int = 512  # each task's generation config (conf/generation/) sets its own
     batch_size: int = 16  # prompts per sampled call; greedy calls take batch_size * num_samples prompts
     limit: int | None = None  # evaluate only the first N problems of the split
 
@@ -284,6 +286,7 @@ def validate(cfg: DictConfig) -> None:
         "sampler.max_new_tokens",
         "trainer.max_steps",
         "trainer.batch_size",
+        "trainer.max_seq_len",
         "eval.num_samples",
         "eval.batch_size",
         "snapshot.max_per_problem",
@@ -304,6 +307,7 @@ def validate(cfg: DictConfig) -> None:
     bad_ks = [k for k in cfg.eval.ks if k < 1]
     if bad_ks:
         raise ValueError(f"config error: eval.ks must be >= 1, got {list(cfg.eval.ks)}")
+    _validate_model_choice(cfg)
     if cfg.model.name_or_path is None:
         tiny = cfg.model.tiny
         if tiny.hidden_size % tiny.num_heads or tiny.hidden_size // tiny.num_heads < 32:
@@ -311,6 +315,22 @@ def validate(cfg: DictConfig) -> None:
                 "config error: model.tiny.hidden_size / model.tiny.num_heads must be an integer >= 32 "
                 f"(vLLM's CPU attention kernels), got {tiny.hidden_size}/{tiny.num_heads}"
             )
+
+
+def _validate_model_choice(cfg: DictConfig) -> None:
+    """A pretrained model needs a recipe of its own: the tiny demo's (``model=tiny_arith``) trains at 1e-3."""
+    name, path = cfg.model.name, cfg.model.name_or_path
+    if name == "tiny_arith" and path is not None:
+        recipes = sorted(
+            p.stem for p in (CONF_DIR / "model").glob("*.yaml") if p.stem not in ("tiny_arith", "hf")
+        )
+        raise ValueError(
+            f"config error: model.name_or_path={path!r} with model=tiny_arith would fine-tune a pretrained "
+            f"model with the tiny demo's recipe (trainer.lr={cfg.trainer.lr}); pick a model recipe "
+            f"(model={' | '.join(recipes)}) or model=hf model.name_or_path={path}"
+        )
+    if name == "hf" and not path:
+        raise ValueError("config error: model=hf needs model.name_or_path=<Hub id or local folder>")
 
 
 def hydra_entry(run_fn: Callable[[DictConfig], dict]) -> Callable[[], None]:

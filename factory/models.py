@@ -96,15 +96,22 @@ def load_model(path: str | Path, *, dtype: str = "float32"):
     """Loads a causal LM by Hub name or folder; a missing local folder is a clear error."""
     path_str = str(path)
     if (path_str.startswith((".", "/", "~")) or Path(path_str).exists()) and not Path(path_str).is_dir():
-        raise FileNotFoundError(f"model folder not found: {path_str} (check model.name_or_path)")
+        raise FileNotFoundError(_missing_folder(path_str))
     return _from_pretrained(AutoModelForCausalLM, path_str, dtype=getattr(torch, dtype))
+
+
+def _missing_folder(path_str: str) -> str:
+    """The one-line error for a missing local model folder, naming the fetch command when there is one."""
+    from factory.fetch_model import fetch_hint
+
+    return f"model folder not found: {path_str} (check model.name_or_path{fetch_hint(path_str)})"
 
 
 def _from_pretrained(cls, path: str | Path, **kwargs):
     """``cls.from_pretrained`` with a missing model named in one line (transformers raises OSError)."""
     path_str = str(path)
     if path_str.startswith((".", "/", "~")) and not Path(path_str).expanduser().is_dir():
-        raise FileNotFoundError(f"model folder not found: {path_str} (check model.name_or_path)")
+        raise FileNotFoundError(_missing_folder(path_str))
     try:
         return cls.from_pretrained(path_str, **kwargs)
     except OSError as err:

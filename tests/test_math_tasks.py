@@ -20,6 +20,9 @@ FILES = {
     "math500": ["math/train.jsonl", "math/test.jsonl", "prm800k_math_splits/test.jsonl"],
 }
 TEST_SIZES = {"gsm8k": 1319, "math": 5000, "math500": 500}
+# num_train=null: the whole pool between the 500 human and the 500 validation problems (GSM8K's 7,473;
+# MATH's 7,500 and MATH-500's 12,000, each less the 2 training problems whose solution boxes nothing).
+TRAIN_SIZES = {"gsm8k": 6473, "math": 6498, "math500": 10998}
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -38,7 +41,7 @@ def test_splits_are_sized_disjoint_stable_and_have_golds(name):
     splits = {s: task.load_problems(split=s) for s in ("human", "train", "validation", "test")}
     assert {s: len(p) for s, p in splits.items()} == {
         "human": 500,
-        "train": 2000,
+        "train": TRAIN_SIZES[name],
         "validation": 500,
         "test": TEST_SIZES[name],
     }
@@ -188,6 +191,9 @@ def test_empty_or_overlapping_selection_is_a_clear_error():
         _task("gsm8k", "task.num_test=0").load_problems(split="test")
     with pytest.raises(ValueError, match="too few for num_human=500"):
         _task("gsm8k", "task.max_chars=200").load_problems(split="human")
+    # num_train=null (the default: the rest of the pool) on a pool too small says so, not "num_train=-889".
+    with pytest.raises(ValueError, match=r"has 111 problems left after filtering by max_chars=200, too few"):
+        _task("gsm8k", "task.max_chars=200", "task.num_train=null").load_problems(split="train")
 
 
 @pytest.mark.parametrize(

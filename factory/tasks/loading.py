@@ -155,17 +155,19 @@ def select_split(pool: list[dict], test: list[dict], *, split: str, cfg) -> list
     val_start = len(pool) - num_validation
     train_start = num_human if cfg.train_start is None else int(cfg.train_start)
     num_train = val_start - train_start if cfg.num_train is None else int(cfg.num_train)
-    if min(num_human, num_validation, train_start, num_train) < 0:
+    # Only the sizes the config gives must be >= 0: num_train=null (the rest of the pool) comes out
+    # negative when the pool is too small, which the next check reports as such.
+    if min(num_human, num_validation, train_start, 0 if cfg.num_train is None else num_train) < 0:
         raise ValueError(
             f"task {cfg.name!r}: num_human, num_validation, num_train and train_start must be >= 0 "
             f"(got {num_human}, {num_validation}, {num_train}, {train_start})"
         )
-    if max(num_human, train_start + num_train) > val_start:
+    if num_train < 0 or max(num_human, train_start + num_train) > val_start:
         raise ValueError(
             f"task {cfg.name!r}: the training pool has {len(pool)} problems"
             + (f" left after filtering by max_chars={cfg.max_chars}" if cfg.get("max_chars") else "")
             + ", too few for "
-            f"num_human={num_human}, train_start={cfg.train_start}, num_train={num_train} and a disjoint "
+            f"num_human={num_human}, train_start={cfg.train_start}, num_train={cfg.num_train} and a disjoint "
             f"validation tail of num_validation={num_validation}; lower them (or raise max_chars)"
         )
     if split == "human":
