@@ -156,13 +156,14 @@ def claim_partial(out_dir: Path, inputs: dict | None) -> Path:
 
     Shards that a stopped run made from other inputs (another config, or a version that recorded none)
     are removed, so a resume never mixes them with this config's. The inputs are kept in the folder
-    until the stage finishes and records them (``finish_partial``). ``inputs=None`` claims nothing.
+    until the stage finishes and records them (``finish_partial``). ``inputs=None`` records none.
     """
     work = partial_dir(out_dir)
     work.mkdir(parents=True, exist_ok=True)
-    if inputs is None:
-        return work
     marker = work / PARTIAL_INPUTS_FILE
+    if inputs is None:
+        marker.unlink(missing_ok=True)  # unknown inputs: the stage must not claim an earlier run's
+        return work
     found = read_json(marker).get("inputs_sha256") if marker.is_file() else None
     if found != digest(inputs):
         if any(work.iterdir()):

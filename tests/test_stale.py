@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 import shutil
+import sys
 
 import polars as pl
 import pytest
@@ -20,9 +22,9 @@ from omegaconf import OmegaConf
 
 import factory.loop as loop
 from eval import evaluate
-from factory import sample
+from factory import sample, snapshot, verify
 from factory.config import compose
-from factory.rundir import RunDir, read_shards
+from factory.rundir import RunDir, claim_partial, finish_partial, read_shards
 from factory.tasks import arith
 from train import finetune
 
@@ -151,6 +153,43 @@ def test_changed_loop_setting_is_refused(rerun, monkeypatch):
 
 
 @pytest.mark.slow
+def test_changed_verifier_setting_is_refused(rerun, monkeypatch):
+    make_cfg, run_dir, _ = rerun
+    # Evaluation always judges final answers, and the samples do not depend on the verifier.
+    _refused(
+        make_cfg("task.strictness=steps"),
+        run_dir,
+        monkeypatch,
+        str(run_dir.stage(1, "verdicts")),
+        "task.strictness: 'answer' -> 'steps'",
+    )
+    with pytest.raises(FileExistsError, match=r"iter_1/verdicts .*task\.strictness"):
+        verify.run(make_cfg("task.strictness=steps", "iteration=1"))
+    with pytest.raises(FileExistsError, match=r"iter_1/dataset .*verifier\.strictness"):
+        snapshot.run(make_cfg("task.strictness=steps", "iteration=1"))
+
+
+@pytest.mark.slow
+def test_refusal_is_one_error_line_of_the_command(rerun, capsys):
+    make_cfg, run_dir, _ = rerun
+    argv = [f"paths.run_dir={run_dir.root}", f"paths.cache_dir={make_cfg().paths.cache_dir}", *OVERRIDES]
+    old, root = sys.argv, logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    sys.argv = ["restem", *argv, "eval.split=validation"]
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            loop.main()
+    finally:  # Hydra points the root logger at this test's captured stderr: undo it for the next tests
+        sys.argv = old
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    assert err.rstrip("\n").rsplit("\n", 1)[-1].startswith(f"error: {run_dir.stage(0, 'eval')} was made from")
+
+
+@pytest.mark.slow
 def test_changed_prompts_are_refused(rerun, monkeypatch):
     make_cfg, run_dir, _ = rerun
     monkeypatch.setattr(arith, "format_prompt", lambda problem: f"Question: {problem['question']}\nA: ")
@@ -254,3 +293,17 @@ def test_changed_prompt_style_is_refused_by_the_loop_and_the_e_step(make_cfg, ti
                 make_cfg(*overrides, "task.prompt_style=fewshot", "task.num_shots=2", change, "iteration=1")
             )
     assert pl.read_parquet(run_dir.stage(0, "eval") / "per_problem.parquet").height == 4
+
+
+def test_partial_folder_keeps_only_work_of_its_inputs(tmp_path):
+    out = tmp_path / "iter_1" / "verdicts"
+    work = claim_partial(out, {"config": {"task": {"strictness": "answer"}}})
+    (work / "shard-00000.parquet").write_bytes(b"made with answer")
+    assert claim_partial(out, {"config": {"task": {"strictness": "answer"}}}) == work
+    assert (work / "shard-00000.parquet").is_file()  # same inputs: resumed
+    steps = {"config": {"task": {"strictness": "steps"}}}
+    claim_partial(out, steps)
+    assert not (work / "shard-00000.parquet").exists()  # other inputs: started over
+    finish_partial(work, out, seconds=0.0)
+    info = json.loads((out / "stage.json").read_text())
+    assert info["inputs"] == steps and sorted(p.name for p in out.iterdir()) == ["stage.json"]
