@@ -24,7 +24,7 @@ import factory.loop as loop
 from eval import evaluate
 from factory import sample, snapshot, verify
 from factory.config import compose
-from factory.rundir import RunDir, claim_partial, finish_partial, read_shards
+from factory.rundir import RunDir, read_shards
 from factory.tasks import arith
 from train import finetune
 
@@ -207,11 +207,11 @@ def test_stage_finished_by_older_code_is_refused(rerun, monkeypatch):
     _refused(make_cfg(), run_dir, monkeypatch, str(run_dir.stage(1, "verdicts")), "older version of restem")
 
 
-def _small_point(make_cfg, tmp_path, tiny_model_dir, name: str, *changes: str):
-    """A stage-command config over run dir ``name`` (cache shared by the test's points) with a fixed,
-    untrained base model: the E-step is seconds."""
+def _small_point(make_cfg, tmp_path, name: str, *changes: str):
+    """A stage-command config over run dir ``name`` (cache shared by the test's points) with a base model
+    pretrained for two steps and six problems: the E-step is seconds."""
     cfg = make_cfg(
-        f"model.name_or_path={tiny_model_dir}",
+        "model.pretrain.max_steps=2",
         "task.num_train=6",
         "sampler.num_samples=2",
         "sampler.max_new_tokens=8",
@@ -222,9 +222,9 @@ def _small_point(make_cfg, tmp_path, tiny_model_dir, name: str, *changes: str):
     return cfg
 
 
-def test_e_step_cache_misses_when_the_prompts_change(make_cfg, tmp_path, tiny_model_dir, monkeypatch):
+def test_e_step_cache_misses_when_the_prompts_change(make_cfg, tmp_path, monkeypatch):
     def point(name: str):
-        return _small_point(make_cfg, tmp_path, tiny_model_dir, name)
+        return _small_point(make_cfg, tmp_path, name)
 
     assert sample.run(point("first"))["generated"] == 12
     assert sample.run(point("same"))["generated"] == 0  # served from the cache
@@ -234,7 +234,7 @@ def test_e_step_cache_misses_when_the_prompts_change(make_cfg, tmp_path, tiny_mo
     assert all(p.startswith("Question: ") for p in prompts)
 
 
-def test_partial_shards_of_other_settings_are_not_resumed(make_cfg, tmp_path, tiny_model_dir, monkeypatch):
+def test_partial_shards_of_other_settings_are_not_resumed(make_cfg, tmp_path, monkeypatch):
     """An E-step stopped mid-way and rerun with another temperature starts over: its shards never mix."""
 
     def fake_generate(model, tokenizer, prompts, *, num_samples, temperature, seeds, **kwargs):
@@ -248,21 +248,22 @@ def test_partial_shards_of_other_settings_are_not_resumed(make_cfg, tmp_path, ti
     monkeypatch.setattr(sample, "generate", fake_generate)
     small = ("sampler.shard_size=2", "sampler.cache=false")
     with contextlib.suppress(KeyboardInterrupt):
-        sample.run(_small_point(make_cfg, tmp_path, tiny_model_dir, "run", *small))
+        sample.run(_small_point(make_cfg, tmp_path, "run", *small))
     assert len(list((tmp_path / "run" / "iter_1" / ".samples.partial").glob("shard-*"))) == 1
-    sample.run(_small_point(make_cfg, tmp_path, tiny_model_dir, "run", *small, "sampler.temperature=0.5"))
+    sample.run(_small_point(make_cfg, tmp_path, "run", *small, "sampler.temperature=0.5"))
     completions = read_shards(RunDir(tmp_path / "run").stage(1, "samples"))["completion"]
     assert completions.unique().to_list() == ["t=0.5"]
 
 
-def test_changed_prompt_style_is_refused_by_the_loop_and_the_e_step(make_cfg, tiny_model_dir, monkeypatch):
-    """A real prompt setting (GSM8K's prompt style and shots) with a fixed base model: only the rendered
-    prompts change, and the error names them and the setting behind them."""
+def test_changed_prompt_style_is_refused_by_the_loop_and_the_e_step(make_cfg, monkeypatch):
+    """A real prompt setting (GSM8K's prompt style and shots): the error names the rendered prompts and
+    the setting behind them. (The tiny base model is pretrained on prompts of the style, so its weights
+    change too; test_changed_prompts_are_refused keeps the base and changes only the prompts.)"""
     needs_data("gsm8k/train.jsonl", "gsm8k/test.jsonl")
     overrides = [
         "task=gsm8k",
         f"paths.data_dir={DATA_DIR}",
-        f"model.name_or_path={tiny_model_dir}",
+        "model.pretrain.max_steps=2",
         "task.num_human=8",
         "task.num_train=4",
         "task.num_validation=4",
@@ -278,7 +279,7 @@ def test_changed_prompt_style_is_refused_by_the_loop_and_the_e_step(make_cfg, ti
         "loop.stop_on_empty_snapshot=true",
     ]
     first = make_cfg(*overrides, "task.prompt_style=fewshot", "task.num_shots=2")
-    loop.run(first)  # a random model: the snapshot is empty and the loop stops after iteration 1's E-step
+    loop.run(first)  # an untrained model: the snapshot is empty and the loop stops after iteration 1
     run_dir = RunDir(first.paths.run_dir)
     assert run_dir.is_done(0, "eval") and run_dir.is_done(1, "samples")
     for change, named in (
@@ -296,6 +297,8 @@ def test_changed_prompt_style_is_refused_by_the_loop_and_the_e_step(make_cfg, ti
 
 
 def test_partial_folder_keeps_only_work_of_its_inputs(tmp_path):
+    from factory.rundir import claim_partial, finish_partial
+
     out = tmp_path / "iter_1" / "verdicts"
     work = claim_partial(out, {"config": {"task": {"strictness": "answer"}}})
     (work / "shard-00000.parquet").write_bytes(b"made with answer")
