@@ -68,12 +68,12 @@ def sample_problems(
     """Samples every problem into ``out_dir/shard-*.parquet``, resuming finished shards.
 
     Shards are written to ``<out_dir>``'s hidden ``.partial`` sibling; the folder is renamed into place
-    with its ``stage.json`` only when every shard exists. ``stage.json`` records the inputs the caller
-    claimed the folder for (``rundir.claim_partial``; ``e_step`` does). ``settings.backend`` picks the backend: ``hf``
-    samples with ``model``; ``vllm`` starts a vLLM process on the ``policy`` folder (or uses ``sampler``,
-    an open ``VllmSampler``) once a shard needs generating, and stops it before returning. ``draw``
-    counts earlier E-steps of the same policy in this run (after an empty snapshot), so that a repeated
-    E-step draws new samples; it is 0 otherwise and then leaves the seeds alone.
+    with its ``stage.json`` only when every shard exists; ``stage.json`` records the inputs the caller
+    claimed the folder for (``rundir.claim_partial``; ``e_step`` does). ``settings.backend`` picks the
+    backend: ``hf`` samples with ``model``; ``vllm`` starts a vLLM process on the ``policy`` folder (or
+    uses ``sampler``, an open ``VllmSampler``) once a shard needs generating, and stops it before
+    returning. ``draw`` counts earlier E-steps of the same policy in this run (after an empty snapshot),
+    so that a repeated E-step draws new samples; it is 0 otherwise and then leaves the seeds alone.
     """
     start = time.time()
     out_dir = Path(out_dir)

@@ -91,6 +91,7 @@ TASK_DATA_KEYS = (
 )
 # Config keys the hint about config.yaml leaves out: where the run lives, and the stage commands' argument.
 _NOT_HINTED = ("paths.", "iteration")
+_MAX_HINTED = 8
 
 
 def _without(settings: DictConfig, drop: tuple[str, ...]) -> dict:
@@ -309,6 +310,8 @@ class StageInputs:
         new = OmegaConf.to_container(self.cfg, resolve=True)
         changes, _ = diff_inputs({"config": old}, {"config": new})
         shown = [f"{key}: {a} -> {b}" for key, a, b in changes if not key.startswith(_NOT_HINTED)]
+        if len(shown) > _MAX_HINTED:
+            shown = [*shown[:_MAX_HINTED], f"{len(shown) - _MAX_HINTED} more"]
         return f"; the run's config.yaml differs from this config in {'; '.join(shown)}" if shown else ""
 
 

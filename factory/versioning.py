@@ -1,9 +1,10 @@
 """Content-addressed versions: a snapshot's id is a hash of everything that made it.
 
 The inputs are the sampling policy's *weights* (not its path), the training problems, the prompts as
-the task renders them, the sampler, verifier and snapshot settings and the seeds. The same inputs give the same version wherever the run
-directory lives (sweep jobs, resumed runs); a changed input gives a new one. A finished snapshot is never
-overwritten: a run directory whose snapshot has another version is refused (``check_snapshot_version``).
+the task renders them, the sampler, verifier and snapshot settings and the seeds. The same inputs give
+the same version wherever the run directory lives (sweep jobs, resumed runs); a changed input gives a
+new one. A finished snapshot is never overwritten: a run directory whose snapshot has another version is
+refused (``check_snapshot_version``).
 """
 
 from __future__ import annotations
