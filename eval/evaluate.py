@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from eval.metrics import aggregate, problem_metrics
 from factory.config import hydra_entry
 from factory.faults import kill_point
-from factory.rundir import STAGE_FILE, atomic_dir, mark_done, write_json
+from factory.rundir import atomic_dir, mark_done, write_json
 
 
 def evaluate_model(
@@ -29,13 +29,15 @@ def evaluate_model(
     dtype: str = "float32",
     label: str = "eval",
     sampler_settings: DictConfig | None = None,
+    inputs: dict | None = None,
 ) -> dict:
     """Evaluates one model and writes its results to ``out_dir`` atomically.
 
     Greedy accuracy uses one greedy completion per problem; pass@k and maj@k use ``settings.num_samples``
     samples per problem at ``settings.temperature`` / ``settings.top_p``. Correctness is the final answer
     (``answer`` strictness), the paper's metric. Generation uses the backend of ``sampler_settings``
-    (``cfg.sampler``; default: the HF backend) and its ``stop`` strings.
+    (``cfg.sampler``; default: the HF backend) and its ``stop`` strings. ``inputs``
+    (``StageInputs.eval``) are recorded in ``stage.json``.
     """
     from factory.models import load_model, load_tokenizer
     from factory.sample import generate, open_vllm, problem_seed
@@ -109,37 +111,39 @@ def evaluate_model(
     with atomic_dir(Path(out_dir)) as tmp:
         pl.DataFrame(rows).write_parquet(tmp / "per_problem.parquet")
         write_json(tmp / "metrics.json", result)
-        mark_done(tmp, seconds=result["seconds"])
+        mark_done(tmp, seconds=result["seconds"], inputs=inputs)
     return result
 
 
 def run(cfg: DictConfig) -> dict:
-    from factory.base_model import ensure_base_model
-    from factory.rundir import RunDir, read_json
-    from factory.tasks import build_task
+    """Evaluates iteration ``iteration``'s model (0: the base); a finished evaluation of the same inputs is
+    reported again, one of other inputs refused, as is a model trained from other inputs."""
+    from factory.rundir import read_json
+    from factory.stage_inputs import stage_inputs
 
-    run_dir = RunDir(cfg.paths.run_dir)
     k = int(cfg.iteration)
-    out = run_dir.stage(k, "eval")
-    if (out / STAGE_FILE).exists():
-        return read_json(out / "metrics.json")
-    model_path = ensure_base_model(cfg) if k == 0 else run_dir.stage(k, "model")
-    if k > 0 and not run_dir.is_done(k, "model"):
-        raise FileNotFoundError(f"no finished model at {model_path}: run restem-train iteration={k} first")
-    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
-    try:
+    with stage_inputs(cfg) as stages:
+        out = stages.run_dir.stage(k, "eval")
+        if k > 0:
+            if not stages.run_dir.is_done(k, "model"):
+                raise FileNotFoundError(
+                    f"no finished model at {stages.model_path(k)}: run restem-train iteration={k} first"
+                )
+            stages.is_current(k, "dataset")
+            stages.is_current(k, "model")
+        if stages.is_current(k, "eval"):
+            return read_json(out / "metrics.json")
         result = evaluate_model(
-            model_path=model_path,
-            task=task,
-            problems=task.load_problems(split=cfg.eval.split, limit=cfg.eval.limit),
+            model_path=stages.model_path(k),
+            task=stages.task,
+            problems=stages.eval_problems,
             settings=cfg.eval,
             out_dir=out,
             dtype=cfg.model.dtype,
             label=f"eval iter {k}",
             sampler_settings=cfg.sampler,
+            inputs=stages.eval(k),
         )
-    finally:
-        task.close()  # the math verifier's worker processes
     print(json.dumps(result, indent=2))
     return result
 

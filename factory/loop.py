@@ -2,7 +2,9 @@
 SFT-on-human baseline, a summary, a report and a plot.
 
 Command: ``restem`` (the default experiment, arith_demo) or ``restem experiment=... key=value``.
-Rerunning the same command skips finished stages and resumes partly written sample shards.
+Rerunning the same command skips finished stages and resumes partly written sample shards. A finished
+stage made from other inputs than the config gives (another setting, model, prompt or training data) is
+refused before anything is written, naming what changed (``factory/stage_inputs.py``).
 """
 
 from __future__ import annotations
@@ -15,15 +17,14 @@ from omegaconf import DictConfig
 from eval.evaluate import evaluate_model
 from eval.report import format_table, write_report
 from factory.audit import audit_iteration, format_audit
-from factory.base_model import ensure_base_model
 from factory.config import hydra_entry, validate
 from factory.rundir import RunDir, read_json, write_json
-from factory.sample import e_step, policy_path
+from factory.sample import e_step
 from factory.snapshot import snapshot_stage
+from factory.stage_inputs import StageInputs
 from factory.tasks import build_task
 from factory.verify import verify_samples
-from factory.versioning import check_snapshot_version, snapshot_identity
-from train.finetune import human_pairs, snapshot_pairs, train_from_base
+from train.finetune import train_from_base
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def run(cfg: DictConfig) -> list[dict]:
     validate(cfg)
     start = time.time()
     run_dir = RunDir(cfg.paths.run_dir)
-    run_dir.init(cfg)
+    run_dir.check_format()
     task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
     try:
         return _run(cfg, run_dir, task, start)
@@ -46,50 +47,46 @@ def run(cfg: DictConfig) -> list[dict]:
 
 
 def _run(cfg: DictConfig, run_dir: RunDir, task, start: float) -> list[dict]:
-    train_problems = task.load_problems(split="train")
-    eval_problems = task.load_problems(split=cfg.eval.split, limit=cfg.eval.limit)
-    for name, problems in (("training", train_problems), (f"{cfg.eval.split}", eval_problems)):
+    stages = StageInputs(cfg, task=task, run_dir=run_dir)
+    for name, problems in (("training", stages.train_problems), (f"{cfg.eval.split}", stages.eval_problems)):
         if not problems:
             raise ValueError(
                 f"zero {name} problems after loading task {cfg.task.name!r}: check the task config"
             )
-    base = ensure_base_model(cfg)
+    # Every finished stage this run would reuse is checked first: a refused run writes nothing.
+    stages.check_finished()
+    run_dir.init(cfg)
 
-    def evaluate(k: int | str, model_path) -> dict:
-        if not run_dir.is_done(k, "eval"):
+    def evaluate(k: int | str) -> dict:
+        if not stages.is_current(k, "eval"):
             evaluate_model(
-                model_path=model_path,
+                model_path=stages.model_path(k),
                 task=task,
-                problems=eval_problems,
+                problems=stages.eval_problems,
                 settings=cfg.eval,
                 out_dir=run_dir.stage(k, "eval"),
                 dtype=cfg.model.dtype,
                 label=f"eval {k}",
                 sampler_settings=cfg.sampler,
+                inputs=stages.eval(k),
             )
         return read_json(run_dir.stage(k, "eval") / "metrics.json")
 
-    rows = [_row(0, evaluate(0, base), run_dir)]
+    rows = [_row(0, evaluate(0), run_dir)]
     for k in range(1, cfg.loop.iterations + 1):
         try:
-            _iteration(cfg, run_dir, task, train_problems, base, k)
+            _iteration(cfg, stages, k)
         except EmptySnapshotError as err:
             log.warning("%s", err)
             print(f"\n{err}")
             if cfg.loop.stop_on_empty_snapshot:
                 break
             continue
-        rows.append(_row(k, evaluate(k, run_dir.stage(k, "model")), run_dir))
+        rows.append(_row(k, evaluate(k), run_dir))
     if cfg.loop.sft_baseline:
-        if not run_dir.is_done("sft_human", "model"):
-            train_from_base(
-                cfg,
-                base_path=base,
-                pairs=human_pairs(task, tokenizer=_tokenizer(base)),
-                out_dir=run_dir.stage("sft_human", "model"),
-                desc="SFT on human data",
-            )
-        rows.append(_row("sft_human", evaluate("sft_human", run_dir.stage("sft_human", "model")), run_dir))
+        if not stages.is_current("sft_human", "model"):
+            _train(cfg, stages, "sft_human", desc="SFT on human data")
+        rows.append(_row("sft_human", evaluate("sft_human"), run_dir))
     write_json(run_dir.summary, rows)
     audits = {
         k: audit_iteration(samples_dir=run_dir.stage(k, "samples"), verdicts_dir=run_dir.stage(k, "verdicts"))
@@ -109,22 +106,28 @@ def _run(cfg: DictConfig, run_dir: RunDir, task, start: float) -> list[dict]:
     return rows
 
 
-def _iteration(cfg: DictConfig, run_dir: RunDir, task, problems: list[dict], base, k: int) -> None:
-    """One E-step -> verify -> snapshot -> M-step; each finished stage is skipped on a rerun."""
-    policy = policy_path(run_dir, base, k)
-    identity = snapshot_identity(cfg, policy=policy, problems=problems, iteration=k)
-    check_snapshot_version(run_dir.stage(k, "dataset"), identity["version"], identity["inputs"])
-    if not run_dir.is_done(k, "samples"):
-        e_step(cfg, run_dir=run_dir, task=task, problems=problems, policy=policy, iteration=k)
-    if not run_dir.is_done(k, "verdicts"):
+def _iteration(cfg: DictConfig, stages: StageInputs, k: int) -> None:
+    """One E-step -> verify -> snapshot -> M-step; each finished stage of the same inputs is skipped."""
+    run_dir = stages.run_dir
+    if not stages.is_current(k, "samples"):
+        e_step(cfg, stages=stages, iteration=k)
+    if not stages.is_current(k, "verdicts"):
         verify_samples(
-            task=task,
-            problems=problems,
+            task=stages.task,
+            problems=stages.train_problems,
             samples_dir=run_dir.stage(k, "samples"),
             out_dir=run_dir.stage(k, "verdicts"),
+            inputs=stages.verdicts(k),
         )
-    if not run_dir.is_done(k, "dataset"):
-        snapshot_stage(cfg, run_dir=run_dir, iteration=k, base=base, policy=policy, identity=identity)
+    if not stages.is_current(k, "dataset"):
+        snapshot_stage(
+            cfg,
+            run_dir=run_dir,
+            iteration=k,
+            base=stages.base,
+            policy=stages.sampling(k)["policy"],
+            identity=stages.snapshot(k),
+        )
     manifest = read_json(run_dir.stage(k, "dataset") / "manifest.json")
     if manifest["num_kept"] == 0:
         raise EmptySnapshotError(
@@ -132,20 +135,21 @@ def _iteration(cfg: DictConfig, run_dir: RunDir, task, problems: list[dict], bas
             f"(statuses: {manifest['status_counts']}); not training on an empty dataset. "
             "Set loop.stop_on_empty_snapshot=false to go on sampling with the same policy."
         )
-    if not run_dir.is_done(k, "model"):
-        pairs = snapshot_pairs(run_dir.stage(k, "dataset"))
-        if cfg.loop.include_human_data:
-            pairs += human_pairs(task, tokenizer=_tokenizer(base))
-        train_from_base(
-            cfg, base_path=base, pairs=pairs, out_dir=run_dir.stage(k, "model"), desc=f"M-step iteration {k}"
-        )
+    if not stages.is_current(k, "model"):
+        _train(cfg, stages, k, desc=f"M-step iteration {k}")
 
 
-def _tokenizer(base):
-    """The base model's tokenizer, which chat-style prompts of the human pairs need."""
-    from factory.models import load_tokenizer
-
-    return load_tokenizer(base)
+def _train(cfg: DictConfig, stages: StageInputs, k: int | str, *, desc: str) -> None:
+    """Fine-tunes the base model on ``k``'s training pairs into ``k``'s model folder."""
+    pairs = stages.training_pairs(k)
+    train_from_base(
+        cfg,
+        base_path=stages.base,
+        pairs=pairs,
+        out_dir=stages.run_dir.stage(k, "model"),
+        desc=desc,
+        inputs=stages.model(k, pairs),
+    )
 
 
 def _row(k: int | str, metrics: dict, run_dir: RunDir) -> dict:

@@ -1,7 +1,8 @@
 """E-step: sample K completions per problem with the current policy and write parquet shards.
 
 Command: ``restem-sample iteration=2`` samples the training problems with ``iter_1/model``.
-Shards are the unit of resume: a rerun after a crash keeps finished shards and generates only the rest.
+Shards are the unit of resume: a rerun after a crash keeps finished shards and generates only the rest
+(only shards of the same inputs: ``rundir.claim_partial``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 
 from factory.config import hydra_entry
 from factory.faults import kill_point
-from factory.rundir import STAGE_FILE, mark_done
+from factory.rundir import claim_partial, finish_partial, partial_dir
 from factory.sampling.hf import generate
 
 log = logging.getLogger(__name__)
@@ -67,15 +68,16 @@ def sample_problems(
     """Samples every problem into ``out_dir/shard-*.parquet``, resuming finished shards.
 
     Shards are written to ``<out_dir>``'s hidden ``.partial`` sibling; the folder is renamed into place
-    with its ``stage.json`` only when every shard exists. ``settings.backend`` picks the backend: ``hf``
-    samples with ``model``; ``vllm`` starts a vLLM process on the ``policy`` folder (or uses ``sampler``,
-    an open ``VllmSampler``) once a shard needs generating, and stops it before returning. ``draw``
-    counts earlier E-steps of the same policy in this run (after an empty snapshot), so that a repeated
-    E-step draws new samples; it is 0 otherwise and then leaves the seeds alone.
+    with its ``stage.json`` only when every shard exists; ``stage.json`` records the inputs the caller
+    claimed the folder for (``rundir.claim_partial``; ``e_step`` does). ``settings.backend`` picks the
+    backend: ``hf`` samples with ``model``; ``vllm`` starts a vLLM process on the ``policy`` folder (or
+    uses ``sampler``, an open ``VllmSampler``) once a shard needs generating, and stops it before
+    returning. ``draw`` counts earlier E-steps of the same policy in this run (after an empty snapshot),
+    so that a repeated E-step draws new samples; it is 0 otherwise and then leaves the seeds alone.
     """
     start = time.time()
     out_dir = Path(out_dir)
-    work = out_dir.with_name(f".{out_dir.name}.partial")
+    work = partial_dir(out_dir)
     work.mkdir(parents=True, exist_ok=True)
     size = int(settings.shard_size)
     shards = [problems[i : i + size] for i in range(0, len(problems), size)]
@@ -122,8 +124,9 @@ def sample_problems(
     num_rows = sum(
         pl.scan_parquet(p).select(pl.len()).collect().item() for p in sorted(work.glob("*.parquet"))
     )
-    mark_done(
+    finish_partial(
         work,
+        out_dir,
         seconds=time.time() - start,
         num_problems=len(problems),
         num_samples=num_rows,
@@ -131,7 +134,6 @@ def sample_problems(
         policy=policy,
         backend=str(settings.backend),
     )
-    os.replace(work, out_dir)
     return {"num_samples": num_rows, "generated": generated, "seconds": time.time() - start}
 
 
@@ -167,47 +169,64 @@ def policy_path(run_dir, base_path, iteration: int):
     return base_path
 
 
-def e_step(cfg: DictConfig, *, run_dir, task, problems: list[dict], policy, iteration: int) -> dict:
-    """Iteration ``iteration``'s E-step: served from the sample cache when it can be, else sampled."""
+def e_step(cfg: DictConfig, *, stages, iteration: int) -> dict:
+    """Iteration ``iteration``'s E-step: served from the sample cache when it can be, else sampled.
+
+    ``stages`` (``factory.stage_inputs.StageInputs``) gives the policy, the problems and the inputs the
+    finished stage records.
+    """
     from factory.models import load_model, load_tokenizer
     from factory.sample_cache import sample_or_reuse
+    from factory.versioning import sampling_inputs
 
-    out = run_dir.stage(iteration, "samples")
+    out = stages.run_dir.stage(iteration, "samples")
+    sampling, inputs = stages.sampling(iteration), stages.samples(iteration)
+    policy = sampling["policy"]
 
     def generate() -> dict:
+        claim_partial(out, inputs)  # shards of other inputs are never resumed
         return sample_problems(
             # vLLM loads the policy in its own process; the HF backend samples with it here.
             model=None if cfg.sampler.backend == "vllm" else load_model(policy, dtype=cfg.model.dtype),
             tokenizer=load_tokenizer(policy),
-            task=task,
-            problems=problems,
+            task=stages.task,
+            problems=stages.train_problems,
             out_dir=out,
             settings=cfg.sampler,
             policy=str(policy),
             iteration=iteration,
-            draw=policy_draw(run_dir, iteration),
+            draw=sampling["draw"],
         )
 
+    key_inputs = sampling_inputs(
+        cfg,
+        policy_fingerprint=sampling["policy_fingerprint"],
+        problems_sha=sampling["problems_sha"],
+        prompts_sha=sampling["prompts_sha"],
+        iteration=iteration,
+    )
     return sample_or_reuse(
-        cfg, policy=policy, problems=problems, iteration=iteration, out_dir=out, generate=generate
+        cfg,
+        key_inputs=key_inputs,
+        policy=policy,
+        problems=stages.train_problems,
+        iteration=iteration,
+        out_dir=out,
+        generate=generate,
+        stage_inputs=inputs,
     )
 
 
 def run(cfg: DictConfig) -> dict:
-    """Samples the training problems of ``iteration`` with the previous iteration's policy."""
-    from factory.base_model import ensure_base_model
-    from factory.rundir import RunDir
-    from factory.tasks import build_task
+    """Samples the training problems of ``iteration`` with the previous iteration's policy (a finished
+    E-step of the same inputs is skipped, one of other inputs refused)."""
+    from factory.stage_inputs import stage_inputs
 
-    run_dir = RunDir(cfg.paths.run_dir)
     k = int(cfg.iteration)
-    out = run_dir.stage(k, "samples")
-    if (out / STAGE_FILE).exists():
-        return {"skipped": str(out)}
-    policy = policy_path(run_dir, ensure_base_model(cfg), k)
-    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
-    problems = task.load_problems(split="train")
-    return e_step(cfg, run_dir=run_dir, task=task, problems=problems, policy=policy, iteration=k)
+    with stage_inputs(cfg) as stages:
+        if stages.is_current(k, "samples"):
+            return {"skipped": str(stages.run_dir.stage(k, "samples"))}
+        return e_step(cfg, stages=stages, iteration=k)
 
 
 main = hydra_entry(run)

@@ -1,7 +1,8 @@
 """A content-addressed E-step cache: sweep points that ask for samples already drawn reuse them.
 
 The key is a hash of what determines the samples (``versioning.sampling_inputs``): the policy's weights,
-the problems, every sampling setting except the number of samples, the model dtype and the iteration.
+the problems, the prompts as the task renders them with the policy's tokenizer, every sampling setting
+except the number of samples and the throughput keys, the model dtype and the iteration.
 Entries live under ``<paths.cache_dir>/samples/<key>/K<n>/`` as copies of finished sample shards. A
 request for K' samples per problem is served from the first K' samples (``sample_idx < K'``) of any
 entry with K >= K'. That equals a fresh K'-sample run because sample j of problem i is seeded from
@@ -21,61 +22,55 @@ import polars as pl
 from omegaconf import DictConfig
 
 from factory.rundir import STAGE_FILE, atomic_dir, mark_done, read_shards, write_json
-from factory.versioning import digest, problems_fingerprint, sampling_inputs, weights_fingerprint
+from factory.versioning import digest
 
 log = logging.getLogger(__name__)
 
 ENTRY_FILE = "entry.json"
 
 
-def cache_key(cfg: DictConfig, *, policy, problems: list[dict], iteration: int) -> tuple[str, dict]:
-    """(key, the inputs it hashes) for sampling ``problems`` with ``policy`` at ``iteration``."""
-    inputs = sampling_inputs(
-        cfg,
-        policy_fingerprint=weights_fingerprint(policy),
-        problems_sha=problems_fingerprint(problems),
-        iteration=iteration,
-    )
-    return digest(inputs), inputs
-
-
 def sample_or_reuse(
     cfg: DictConfig,
     *,
+    key_inputs: dict,
     policy,
     problems: list[dict],
     iteration: int,
     out_dir: Path,
     generate: Callable[[], dict],
+    stage_inputs: dict | None = None,
 ) -> dict:
     """Fills the finished samples stage ``out_dir`` from the cache, or by calling ``generate()``.
 
     Args:
         cfg: the run's config (``sampler``, ``model.dtype``, ``paths.cache_dir``).
+        key_inputs: what determines the samples (``versioning.sampling_inputs``); its hash is the key.
         policy: the sampling policy's folder (or Hub name).
         problems: the training problems, in the order the sampler sees them.
         iteration: the E-step's iteration.
         out_dir: the samples stage folder to fill.
         generate: runs the sampler into ``out_dir`` (the unchanged ``sample_problems(...)`` call).
+        stage_inputs: recorded in the stage's ``stage.json`` when it is served from the cache.
 
     Returns:
         the sampler's result dict, or ``{"num_samples", "generated": 0, "cached_from"}`` on a hit.
     """
     if not cfg.sampler.cache:
         return generate()
-    key, inputs = cache_key(cfg, policy=policy, problems=problems, iteration=iteration)
-    root = Path(cfg.paths.cache_dir) / "samples" / key
+    root = Path(cfg.paths.cache_dir) / "samples" / digest(key_inputs)
     k = int(cfg.sampler.num_samples)
     entry = find_entry(root, k)
     if entry is not None:
         try:
-            result = _materialize(entry, Path(out_dir), k=k, problems=problems, policy=str(policy), cfg=cfg)
+            result = _materialize(
+                entry, Path(out_dir), k=k, problems=problems, policy=str(policy), cfg=cfg, inputs=stage_inputs
+            )
             print(f"E-step iteration {iteration}: {result['num_samples']} samples reused from {entry}")
             return result
         except ValueError as err:  # a damaged entry is a miss, never a wrong answer
             log.warning("ignoring E-step cache entry %s: %s", entry, err)
     result = generate()
-    _store(Path(out_dir), root / f"K{k:05d}", k=k, inputs=inputs)
+    _store(Path(out_dir), root / f"K{k:05d}", k=k, inputs=key_inputs)
     return result
 
 
@@ -106,7 +101,14 @@ def _store(samples_dir: Path, entry: Path, *, k: int, inputs: dict) -> None:
 
 
 def _materialize(
-    entry: Path, out_dir: Path, *, k: int, problems: list[dict], policy: str, cfg: DictConfig
+    entry: Path,
+    out_dir: Path,
+    *,
+    k: int,
+    problems: list[dict],
+    policy: str,
+    cfg: DictConfig,
+    inputs: dict | None,
 ) -> dict:
     """Writes the first ``k`` samples of each problem from ``entry`` as a finished samples stage."""
     start = time.time()
@@ -135,6 +137,7 @@ def _materialize(
             num_shards=num_shards,
             policy=policy,
             cached_from=str(entry),
+            inputs=inputs,
         )
     # A partly generated attempt from before is superseded by the complete cached one.
     shutil.rmtree(out_dir.with_name(f".{out_dir.name}.partial"), ignore_errors=True)

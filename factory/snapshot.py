@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from factory.config import hydra_entry
 from factory.faults import kill_point
-from factory.rundir import STAGE_FILE, atomic_dir, mark_done, scan_shards, write_json, write_text
+from factory.rundir import atomic_dir, mark_done, scan_shards, write_json, write_text
 
 DATASET_COLUMNS = ["problem_id", "sample_idx", "prompt", "completion", "num_tokens", "answer", "steps_valid"]
 
@@ -154,33 +154,31 @@ def dataset_card(manifest: dict) -> str:
 
 
 def run(cfg: DictConfig) -> dict:
+    """Builds iteration ``iteration``'s snapshot; a finished one of the same version is skipped, one of
+    another version refused. Samples and verdicts that record other inputs than this config's are
+    refused before building (ones that record none, e.g. written by hand, are taken as they are)."""
+    from factory.stage_inputs import stage_inputs
 
-    from factory.base_model import ensure_base_model
-    from factory.rundir import RunDir
-    from factory.sample import policy_path
-    from factory.tasks import build_task
-    from factory.versioning import check_snapshot_version, snapshot_identity
-
-    run_dir = RunDir(cfg.paths.run_dir)
     k = int(cfg.iteration)
-    out = run_dir.stage(k, "dataset")
-    base = ensure_base_model(cfg)
-    policy = policy_path(run_dir, base, k)
-    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
-    try:
-        problems = task.load_problems(split="train")
-    finally:
-        task.close()
-    identity = snapshot_identity(cfg, policy=policy, problems=problems, iteration=k)
-    check_snapshot_version(out, identity["version"], identity["inputs"])  # never overwritten
-    if (out / STAGE_FILE).exists():
-        return {"skipped": str(out)}
-    for stage in ("samples", "verdicts"):
-        if not run_dir.is_done(k, stage):
-            raise FileNotFoundError(
-                f"{run_dir.stage(k, stage)} is not finished: run the loop or that stage first"
-            )
-    return snapshot_stage(cfg, run_dir=run_dir, iteration=k, base=base, policy=policy, identity=identity)
+    with stage_inputs(cfg) as stages:
+        out = stages.run_dir.stage(k, "dataset")
+        if stages.is_current(k, "dataset"):  # never overwritten
+            return {"skipped": str(out)}
+        for stage in ("samples", "verdicts"):
+            if not stages.run_dir.is_done(k, stage):
+                raise FileNotFoundError(
+                    f"{stages.run_dir.stage(k, stage)} is not finished: run the loop or that stage first"
+                )
+            if "inputs" in stages.run_dir.stage_info(k, stage):
+                stages.is_current(k, stage)
+        return snapshot_stage(
+            cfg,
+            run_dir=stages.run_dir,
+            iteration=k,
+            base=stages.base,
+            policy=stages.sampling(k)["policy"],
+            identity=stages.snapshot(k),
+        )
 
 
 def snapshot_stage(cfg: DictConfig, *, run_dir, iteration: int, base, policy, identity: dict) -> dict:

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from factory.config import hydra_entry
 from factory.faults import kill_point
-from factory.rundir import STAGE_FILE, mark_done, read_parquet, scan_shards
+from factory.rundir import claim_partial, finish_partial, read_parquet, scan_shards
 
 VERDICT_SCHEMA = {
     "problem_id": pl.String,
@@ -75,13 +75,18 @@ def _valid_utf8(text):
         return text.encode("utf-8", "replace").decode("utf-8")
 
 
-def verify_samples(*, task, problems: list[dict], samples_dir: Path, out_dir: Path) -> dict:
-    """Writes ``out_dir/shard-*.parquet`` with one verdict per sample (resumable per shard)."""
+def verify_samples(
+    *, task, problems: list[dict], samples_dir: Path, out_dir: Path, inputs: dict | None = None
+) -> dict:
+    """Writes ``out_dir/shard-*.parquet`` with one verdict per sample (resumable per shard).
+
+    ``inputs`` (``stage_inputs.verdicts_inputs``) are recorded in ``stage.json``; shards a stopped run of
+    other inputs left are not resumed.
+    """
     start = time.time()
     by_id = {p["problem_id"]: p for p in problems}
     out_dir = Path(out_dir)
-    work = out_dir.with_name(f".{out_dir.name}.partial")
-    work.mkdir(parents=True, exist_ok=True)
+    work = claim_partial(out_dir, inputs)
     shard_paths = sorted(Path(samples_dir).glob("shard-*.parquet"))
     for path in tqdm(shard_paths, desc="verifying", unit="shard"):
         target = work / path.name
@@ -110,30 +115,38 @@ def verify_samples(*, task, problems: list[dict], samples_dir: Path, out_dir: Pa
     # Only the status column is read back: the counts stream over the shards.
     counts = dict(sorted(scan_shards(work).group_by("status").len().collect().iter_rows()))
     num_verdicts = sum(counts.values())
-    mark_done(work, seconds=time.time() - start, num_verdicts=num_verdicts, status_counts=counts)
-    os.replace(work, out_dir)
+    finish_partial(
+        work, out_dir, seconds=time.time() - start, num_verdicts=num_verdicts, status_counts=counts
+    )
     return {"num_verdicts": num_verdicts, "status_counts": counts}
 
 
 def run(cfg: DictConfig) -> dict:
+    """Judges iteration ``iteration``'s samples (finished verdicts of the same inputs are skipped, ones of
+    other inputs refused). The verdicts depend on the samples' recorded fingerprint and the verifier
+    settings; whether the samples fit the config is the E-step's and the snapshot's check."""
     from factory.rundir import RunDir
+    from factory.stage_inputs import check_stage, verdicts_inputs
     from factory.tasks import build_task
 
     run_dir = RunDir(cfg.paths.run_dir)
+    run_dir.check_format()
     k = int(cfg.iteration)
-    if (run_dir.stage(k, "verdicts") / STAGE_FILE).exists():
-        return {"skipped": str(run_dir.stage(k, "verdicts"))}
+    out, samples_dir = run_dir.stage(k, "verdicts"), run_dir.stage(k, "samples")
+    inputs = verdicts_inputs(cfg, samples_dir)
+    if run_dir.is_done(k, "verdicts"):
+        check_stage(out, inputs)
+        return {"skipped": str(out)}
     if not run_dir.is_done(k, "samples"):
-        raise FileNotFoundError(
-            f"no finished samples at {run_dir.stage(k, 'samples')}: run restem-sample first"
-        )
+        raise FileNotFoundError(f"no finished samples at {samples_dir}: run restem-sample first")
     task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
     try:
         return verify_samples(
             task=task,
             problems=task.load_problems(split="train"),
-            samples_dir=run_dir.stage(k, "samples"),
-            out_dir=run_dir.stage(k, "verdicts"),
+            samples_dir=samples_dir,
+            out_dir=out,
+            inputs=inputs,
         )
     finally:
         task.close()  # the math verifier's worker processes

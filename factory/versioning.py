@@ -1,21 +1,23 @@
 """Content-addressed versions: a snapshot's id is a hash of everything that made it.
 
-The inputs are the sampling policy's *weights* (not its path), the training problems, the sampler,
-verifier and snapshot settings and the seeds. The same inputs give the same version wherever the run
-directory lives (sweep jobs, resumed runs); a changed input gives a new one. A finished snapshot is never
-overwritten: a run directory whose snapshot has another version is refused (``check_snapshot_version``).
+The inputs are the sampling policy's *weights* (not its path), the training problems, the prompts as
+the task renders them, the sampler, verifier and snapshot settings and the seeds. The same inputs give
+the same version wherever the run directory lives (sweep jobs, resumed runs); a changed input gives a
+new one. A finished snapshot is never overwritten: a run directory whose snapshot has another version is
+refused (``check_snapshot_version``).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from factory.rundir import read_json, write_json
+from factory.rundir import NEW_RUN_DIR, StaleStageError, digest, read_json, write_json
 
 VERSION_CHARS = 12  # short id used in names; the manifest keeps the full hash
 FINGERPRINT_FILE = ".restem-fingerprint.json"  # per-folder cache of the weights hash
@@ -35,11 +37,6 @@ SAMPLER_THROUGHPUT_KEYS = (
 )
 # The verifier's worker count changes its speed, not its verdicts.
 TASK_THROUGHPUT_KEYS = ("verifier_workers",)
-
-
-def digest(obj: object) -> str:
-    """sha256 of a JSON-serialisable object with sorted keys (stable across processes)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def weights_fingerprint(model_dir: str | Path) -> str:
@@ -63,16 +60,23 @@ def weights_fingerprint(model_dir: str | Path) -> str:
                 return cached["sha256"]
         except ValueError:
             pass  # a damaged cache file is recomputed
-    h = hashlib.sha256()
-    for p in files:
-        h.update(str(p.relative_to(path)).encode())
-        with open(p, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    sha = h.hexdigest()
+    sha = _hash_files(str(path), tuple(stamp))
     if os.access(path, os.W_OK):
         write_json(cache, {"stamp": stamp, "sha256": sha})
     return sha
+
+
+@functools.lru_cache(maxsize=64)
+def _hash_files(root: str, stamp: tuple) -> str:
+    """sha256 over the files named in ``stamp``; cached per process too, for folders it cannot write to
+    (every stage of a rerun asks for the base model's fingerprint)."""
+    h = hashlib.sha256()
+    for relative, _size, _mtime in stamp:
+        h.update(relative.encode())
+        with open(Path(root) / relative, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def problems_fingerprint(problems: list[dict]) -> str:
@@ -80,32 +84,58 @@ def problems_fingerprint(problems: list[dict]) -> str:
     return digest(problems)
 
 
+def prompts_fingerprint(prompts: Iterable[str]) -> str:
+    """sha256 of prompt strings in order: one pass, each length-prefixed so boundaries cannot shift."""
+    h = hashlib.sha256()
+    for prompt in prompts:
+        data = prompt.encode("utf-8", "surrogatepass")
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def rendered_prompts_fingerprint(task, problems: list[dict], *, tokenizer) -> str:
+    """sha256 of every prompt as ``task`` renders it with ``tokenizer`` (the model's own): it covers the
+    prompt style, shots, instruction wording and chat template, whatever setting changed them."""
+    return prompts_fingerprint(task.format_prompt(p, tokenizer=tokenizer) for p in problems)
+
+
 def _settings(cfg: DictConfig, name: str, drop: tuple[str, ...]) -> dict:
     values = OmegaConf.to_container(cfg[name], resolve=True)
     return {k: v for k, v in values.items() if k not in drop}
 
 
-def sampling_inputs(cfg: DictConfig, *, policy_fingerprint: str, problems_sha: str, iteration: int) -> dict:
+def sampling_inputs(
+    cfg: DictConfig, *, policy_fingerprint: str, problems_sha: str, prompts_sha: str, iteration: int
+) -> dict:
     """What determines the E-step's samples, apart from how many are drawn per problem.
 
-    The iteration is included because an E-step that samples the same policy again (after an empty
-    snapshot) draws new samples (``sample.policy_draw``), so samples of one policy differ by iteration.
+    ``prompts_sha`` is ``rendered_prompts_fingerprint`` with the policy's tokenizer. The iteration is
+    included because an E-step that samples the same policy again (after an empty snapshot) draws new
+    samples (``sample.policy_draw``), so samples of one policy differ by iteration.
     """
     sampler = _settings(cfg, "sampler", SAMPLER_THROUGHPUT_KEYS + ("num_samples",))
     return {
         "policy": policy_fingerprint,
         "problems": problems_sha,
+        "prompts": prompts_sha,
         "sampler": sampler,
         "dtype": cfg.model.dtype,
         "iteration": iteration,
     }
 
 
-def snapshot_inputs(cfg: DictConfig, *, policy_fingerprint: str, problems_sha: str, iteration: int) -> dict:
+def snapshot_inputs(
+    cfg: DictConfig, *, policy_fingerprint: str, problems_sha: str, prompts_sha: str, iteration: int
+) -> dict:
     """Everything that determines iteration ``iteration``'s snapshot: the version's preimage."""
     return {
         **sampling_inputs(
-            cfg, policy_fingerprint=policy_fingerprint, problems_sha=problems_sha, iteration=iteration
+            cfg,
+            policy_fingerprint=policy_fingerprint,
+            problems_sha=problems_sha,
+            prompts_sha=prompts_sha,
+            iteration=iteration,
         ),
         "num_samples": int(cfg.sampler.num_samples),
         "verifier": _settings(cfg, "task", TASK_THROUGHPUT_KEYS),
@@ -124,20 +154,22 @@ def snapshot_name(task: str, iteration: int, version: str) -> str:
     return f"{task}-iter{iteration}-{version[:VERSION_CHARS]}"
 
 
-def snapshot_identity(cfg: DictConfig, *, policy, problems: list[dict], iteration: int) -> dict:
+def snapshot_identity(
+    cfg: DictConfig, *, policy_fingerprint: str, problems_sha: str, prompts_sha: str, iteration: int
+) -> dict:
     """The version, name, policy fingerprint and hashed inputs of iteration ``iteration``'s snapshot."""
-    fingerprint = weights_fingerprint(policy)
     inputs = snapshot_inputs(
         cfg,
-        policy_fingerprint=fingerprint,
-        problems_sha=problems_fingerprint(problems),
+        policy_fingerprint=policy_fingerprint,
+        problems_sha=problems_sha,
+        prompts_sha=prompts_sha,
         iteration=iteration,
     )
     version = snapshot_version(inputs)
     return {
         "version": version,
         "name": snapshot_name(cfg.task.name, iteration, version),
-        "policy_fingerprint": fingerprint,
+        "policy_fingerprint": policy_fingerprint,
         "inputs": inputs,
     }
 
@@ -146,21 +178,27 @@ def check_snapshot_version(dataset_dir: Path, version: str, inputs: dict) -> Non
     """Refuses a finished snapshot made from other inputs; it is never overwritten.
 
     Raises:
-        FileExistsError: naming both versions and the inputs that differ.
+        StaleStageError: (a FileExistsError) naming both versions and the inputs that differ, or saying
+            that the snapshot records no version (made by an older version of restem).
     """
     manifest_path = Path(dataset_dir) / "manifest.json"
     if not manifest_path.is_file():
         return
     manifest = read_json(manifest_path)
     found = manifest.get("version")
-    if found is None or found == version:
-        return  # same inputs (or a snapshot from before versions existed): reuse it
+    if found == version:
+        return  # same inputs: reuse it
+    if found is None:
+        raise StaleStageError(
+            f"{dataset_dir} was made by an older version of restem that did not version snapshots, so "
+            f"it cannot be checked against this config; {NEW_RUN_DIR} (nothing was changed)"
+        )
     old = manifest.get("inputs", {})
     changed = sorted(_diff_keys(old, inputs))
-    raise FileExistsError(
+    raise StaleStageError(
         f"{dataset_dir} holds snapshot version {found[:VERSION_CHARS]}, but this config makes version "
         f"{version[:VERSION_CHARS]} (changed: {', '.join(changed) or 'inputs'}). A finished snapshot is "
-        "never overwritten: use a new paths.run_dir (or a sweep, which gives each point its own)."
+        f"never overwritten: {NEW_RUN_DIR} (a sweep gives each point its own)."
     )
 
 

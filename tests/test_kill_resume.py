@@ -25,6 +25,7 @@ from conftest import EASY_ARITH, SHRINK
 from factory.config import compose
 from factory.faults import KILL_ENV
 from factory.rundir import RunDir
+from factory.versioning import FINGERPRINT_FILE
 
 OVERRIDES = [
     *SHRINK,
@@ -107,11 +108,12 @@ def _shards(folder: Path) -> list[str]:
 
 
 def _files(root: Path) -> set[str]:
-    # logs/ holds Hydra's per-command logs (the reference ran in-process and has none).
+    # logs/ holds Hydra's per-command logs (the reference ran in-process and has none); a model folder's
+    # weights-fingerprint cache (factory/versioning.py) is a cache, not a leftover.
     return {
         str(p.relative_to(root))
         for p in root.rglob("*")
-        if p.is_file() and p.parts[len(root.parts)] != "logs"
+        if p.is_file() and p.parts[len(root.parts)] != "logs" and p.name != FINGERPRINT_FILE
     }
 
 

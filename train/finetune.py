@@ -165,16 +165,27 @@ def snapshot_pairs(dataset_dir: Path) -> list[dict]:
     return [{"prompt": p, "completion": c} for p, c in zip(ds["prompt"], ds["completion"], strict=True)]
 
 
-def train_from_base(cfg: DictConfig, *, base_path: Path, pairs: list[dict], out_dir: Path, desc: str) -> dict:
+def train_from_base(
+    cfg: DictConfig,
+    *,
+    base_path: Path,
+    pairs: list[dict],
+    out_dir: Path,
+    desc: str,
+    inputs: dict | None = None,
+) -> dict:
     """Loads the base model fresh (ReST-EM never continues from the previous policy) and fine-tunes it.
 
     A fit on several devices of one node that no launcher started runs as its own torchrun job
-    (``train.launch``), so the loop can run one multi-process M-step after another.
+    (``train.launch``), so the loop can run one multi-process M-step after another. ``inputs``
+    (``StageInputs.model``) are recorded in the model's ``stage.json``.
     """
     from factory.models import load_model, load_tokenizer
     from train.launch import launch_fit, needs_launch
 
     extra_info = {"base_model": str(base_path)}
+    if inputs is not None:
+        extra_info["inputs"] = inputs
     if needs_launch(cfg.trainer):
         return launch_fit(
             base_path=base_path,
@@ -199,37 +210,34 @@ def train_from_base(cfg: DictConfig, *, base_path: Path, pairs: list[dict], out_
 
 
 def run(cfg: DictConfig) -> dict:
-    """Trains ``iter_{cfg.iteration}/model`` from the base model on that iteration's snapshot."""
-    from factory.base_model import ensure_base_model
-    from factory.rundir import RunDir
-    from factory.tasks import build_task
+    """Trains ``iter_{cfg.iteration}/model`` from the base model on that iteration's snapshot (a finished
+    model of the same inputs is skipped, one of other inputs refused, as is a snapshot of another
+    version)."""
+    from factory.stage_inputs import stage_inputs
 
-    run_dir = RunDir(cfg.paths.run_dir)
     k = int(cfg.iteration)
-    dataset_dir = run_dir.stage(k, "dataset")
-    if not run_dir.is_done(k, "dataset"):
-        raise FileNotFoundError(
-            f"no finished snapshot at {dataset_dir}: run restem-snapshot iteration={k} first"
+    with stage_inputs(cfg) as stages:
+        dataset_dir, out = stages.run_dir.stage(k, "dataset"), stages.run_dir.stage(k, "model")
+        if not stages.is_current(k, "dataset"):
+            raise FileNotFoundError(
+                f"no finished snapshot at {dataset_dir}: run restem-snapshot iteration={k} first"
+            )
+        if stages.is_current(k, "model"):
+            return {"skipped": str(out)}
+        pairs = stages.training_pairs(k)
+        if not pairs:
+            raise ValueError(
+                f"the snapshot {dataset_dir} kept 0 samples: nothing to train on (its manifest.json has the "
+                "verdict counts); sample more (sampler.num_samples) or set loop.include_human_data=true"
+            )
+        return train_from_base(
+            cfg,
+            base_path=stages.base,
+            pairs=pairs,
+            out_dir=out,
+            desc=f"M-step iteration {k}",
+            inputs=stages.model(k, pairs),
         )
-    pairs = snapshot_pairs(dataset_dir)
-    if not pairs and not cfg.loop.include_human_data:
-        raise ValueError(
-            f"the snapshot {dataset_dir} kept 0 samples: nothing to train on (its manifest.json has the "
-            "verdict counts); sample more (sampler.num_samples) or set loop.include_human_data=true"
-        )
-    base = ensure_base_model(cfg)
-    if cfg.loop.include_human_data:
-        from factory.models import load_tokenizer
-
-        task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
-        pairs += human_pairs(task, tokenizer=load_tokenizer(base))
-    return train_from_base(
-        cfg,
-        base_path=base,
-        pairs=pairs,
-        out_dir=run_dir.stage(k, "model"),
-        desc=f"M-step iteration {k}",
-    )
 
 
 main = hydra_entry(run)
