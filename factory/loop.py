@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from eval.evaluate import evaluate_model
 from eval.report import format_table, write_report
 from factory.audit import audit_iteration, format_audit
-from factory.base_model import ensure_base_model
+from factory.base_model import ensure_base_model, human_pairs
 from factory.config import hydra_entry, validate
 from factory.rundir import RunDir, read_json, write_json
 from factory.sample import e_step, policy_path
@@ -23,7 +23,7 @@ from factory.snapshot import snapshot_stage
 from factory.tasks import build_task
 from factory.verify import verify_samples
 from factory.versioning import check_snapshot_version, snapshot_identity
-from train.finetune import human_pairs, snapshot_pairs, train_from_base
+from train.m_step import snapshot_pairs, train_from_base
 
 log = logging.getLogger(__name__)
 

@@ -64,7 +64,7 @@ def test_multi_process_config_trains_like_one_process(tmp_path, single_process, 
 
 @pytest.mark.slow
 def test_loop_runs_a_multi_process_m_step_as_its_own_torchrun_job(tmp_path, single_process):
-    from train.finetune import train_from_base
+    from train.m_step import train_from_base
 
     model, tokenizer = dist_job.tiny_model()
     model.save_pretrained(tmp_path / "base")
