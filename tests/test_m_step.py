@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -285,3 +286,24 @@ def test_m_step_settings_do_not_touch_base_pretraining(make_cfg):
     lora = make_cfg("trainer.lora.r=8", "trainer.lora.alpha=16", "trainer.epochs=2")
     assert base_model_key(lora) == base_model_key(plain)
     assert pretrain_settings(lora).lora.r == 0 and pretrain_settings(lora).epochs is None
+
+
+SMOLLM2 = Path("/work/models/SmolLM2-135M-Instruct")
+
+
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason=f"the offline SmolLM2 checkpoint is not at {SMOLLM2}")
+def test_smollm2_chat_pairs_keep_their_turn_start_and_end_with_im_end():
+    """The real tokenizer: ChatML, no BOS of its own, ``<|im_start|>`` as its BOS token, ``<|im_end|>``."""
+    from factory.models import load_tokenizer
+
+    tok = load_tokenizer(SMOLLM2)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "Ann has 3 pens and buys 4 more. " * 40 + "How many?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    (example,), stats = tokenize_pairs(tok, [{"prompt": chat, "completion": "3+4=7. #### 7"}], max_length=128)
+    im_start, im_end = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    assert stats["num_prompts_truncated"] == 1 and len(example["input_ids"]) == 128
+    assert example["input_ids"][0] == im_start and example["input_ids"][-1] == im_end
+    assert tok.decode(example["input_ids"][-20:]).endswith("assistant\n3+4=7. #### 7<|im_end|>")
