@@ -307,3 +307,31 @@ def test_smollm2_chat_pairs_keep_their_turn_start_and_end_with_im_end():
     assert stats["num_prompts_truncated"] == 1 and len(example["input_ids"]) == 128
     assert example["input_ids"][0] == im_start and example["input_ids"][-1] == im_end
     assert tok.decode(example["input_ids"][-20:]).endswith("assistant\n3+4=7. #### 7<|im_end|>")
+
+
+def test_lora_with_chunked_loss_and_gradient_checkpointing_trains_the_same(
+    tmp_path, tiny_model_and_tokenizer
+):
+    """The chunked loss and activation checkpointing call the transformers model inside peft's wrapper."""
+    model, tok = tiny_model_and_tokenizer
+    trained = {}
+    for name, extra in {
+        "plain": {},
+        "chunked": {"loss_chunk_size": 16, "gradient_checkpointing": True},
+    }.items():
+        trained[name] = copy.deepcopy(model)
+        fine_tune(
+            model=trained[name],
+            tokenizer=tok,
+            pairs=_pairs(),
+            out_dir=tmp_path / name,
+            settings=_settings(lora={"r": 4}, **extra),
+        )
+    for (name, a), b in zip(
+        trained["plain"].state_dict().items(), trained["chunked"].state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+    assert not torch.equal(
+        trained["plain"].state_dict()["model.layers.0.mlp.up_proj.weight"],
+        model.state_dict()["model.layers.0.mlp.up_proj.weight"],
+    )
