@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from factory.config import hydra_entry
+from factory.config import LoraSettings, hydra_entry
 from factory.rundir import STAGE_FILE
 from factory.tasks import arith
 
@@ -26,10 +26,28 @@ _NOT_IN_KEY = ("accelerator", "devices", "strategy", "num_nodes", "checkpoint_ev
 
 
 def pretrain_settings(cfg: DictConfig) -> DictConfig:
-    """The trainer settings base pretraining runs with: ``trainer`` overridden by ``model.pretrain``."""
+    """The trainer settings base pretraining runs with: ``trainer`` overridden by ``model.pretrain``.
+
+    The M-step's budget rule and adapters are not the pretraining's: it runs ``model.pretrain.max_steps``
+    steps of full training (``trainer.epochs`` and ``trainer.lora`` do not apply to a randomly initialised
+    model).
+    """
+    # The schema's defaults, so changing trainer.lora.* or trainer.epochs never rebuilds the cached base model.
+    m_step_only = {"epochs": None, "lora": OmegaConf.structured(LoraSettings)}
     pretrain = OmegaConf.to_container(cfg.model.pretrain, resolve=True)
-    pretrain.pop("select", None)  # selection settings, not trainer settings
-    return OmegaConf.merge(cfg.trainer, pretrain)
+    pretrain.pop("select", None)  # base selection's settings (model.pretrain.select), not trainer settings
+    return OmegaConf.merge(cfg.trainer, m_step_only, pretrain)
+
+
+def human_pairs(task, tokenizer=None) -> list[dict]:
+    """The human-written seed solutions as prompt/completion pairs (``tokenizer``: for chat prompts).
+
+    The tiny model is pretrained on them; the SFT baseline and ``loop.include_human_data`` train on them.
+    """
+    return [
+        {"prompt": task.format_prompt(p, tokenizer=tokenizer), "completion": p["solution"]}
+        for p in task.load_problems(split="human")
+    ]
 
 
 def base_model_key(cfg: DictConfig) -> str:
@@ -72,7 +90,7 @@ def ensure_base_model(cfg: DictConfig) -> Path | str:
 def _pretrain_tiny(cfg: DictConfig, out_dir: Path) -> None:
     from factory.models import build_tiny_model, train_char_tokenizer
     from factory.tasks import build_task
-    from train.finetune import fine_tune, human_pairs
+    from train.finetune import fine_tune  # the training engine, which never imports this module
 
     # No tokenizer yet (it is trained from these pairs): the chat prompt style needs a Hub model.
     pairs = human_pairs(build_task(cfg.task, data_dir=cfg.paths.data_dir), tokenizer=None)
@@ -114,6 +132,7 @@ def _pretrain_tiny(cfg: DictConfig, out_dir: Path) -> None:
         desc="base pretraining",
         extra_info={"key": base_model_key(cfg)},
         callbacks=callbacks,
+        export_dtype=cfg.model.dtype,
     )
 
 

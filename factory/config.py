@@ -163,13 +163,34 @@ class VllmSamplerConfig(SamplerConfig):
 
 
 @dataclass
+class LoraSettings:
+    """LoRA M-steps (peft): adapters on the base model's linear layers, merged into the weights on export."""
+
+    r: int = 0  # adapter rank; 0 = full fine-tuning
+    alpha: int = 32  # adapter scale = alpha / r
+    dropout: float = 0.0  # 0 keeps a resumed M-step identical to an uninterrupted one (no RNG in checkpoints)
+    target_modules: Any = (
+        "all-linear"  # peft's names: "all-linear" (every linear but the output head) or a list
+    )
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "cpu"
     devices: Any = 1
     strategy: str = "auto"
     num_nodes: int = 1
+    # Autocast only ("32-true", "bf16-mixed", "16-mixed"): the optimizer always steps fp32 master weights.
     precision: str = "32-true"
-    max_steps: int = 600  # optimizer steps per M-step (and for the SFT baseline: same budget)
+    max_steps: int = (
+        600  # optimizer steps per M-step (and for the SFT baseline: same budget); with epochs: a cap
+    )
+    epochs: float | None = (
+        None  # null: max_steps steps; else ceil(epochs x examples / global batch), <= max_steps
+    )
+    max_seq_len: int = (
+        2048  # tokens per example (also <= the model's max_position_embeddings); prompts cut left
+    )
     batch_size: int = 4  # micro-batch per device
     global_batch_size: int | None = None  # per optimizer step (accumulates); null = batch_size x devices
     packing: bool = False  # one unpadded row per micro-batch, no attention across samples
@@ -177,7 +198,6 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the model
     gradient_checkpointing: bool = False
     checkpoint_every_n_steps: int = 200  # resumable checkpoints in the stage's .partial dir; 0 = none
-    max_seq_len: int = 2048  # tokens per training sequence (prompt + completion)
     lr: float = 1e-5  # fine-tuning a pretrained model; the tiny demo's recipe sets 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 20
@@ -185,6 +205,7 @@ class TrainerConfig:
     grad_clip: float = 1.0
     seed: int = 0
     progress_bar: bool = True
+    lora: LoraSettings = field(default_factory=LoraSettings)
 
 
 @dataclass
@@ -297,6 +318,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("trainer.loss_chunk_size", "trainer.checkpoint_every_n_steps"):
         if OmegaConf.select(cfg, key) < 0:
             raise ValueError(f"config error: {key} must be >= 0, got {OmegaConf.select(cfg, key)}")
+    check_trainer(cfg.trainer)
     if cfg.loop.iterations < 0:
         raise ValueError(f"config error: loop.iterations must be >= 0, got {cfg.loop.iterations}")
     if not cfg.sampler.temperature >= 0.0:
@@ -331,6 +353,32 @@ def _validate_model_choice(cfg: DictConfig) -> None:
         )
     if name == "hf" and not path:
         raise ValueError("config error: model=hf needs model.name_or_path=<Hub id or local folder>")
+
+
+def check_trainer(settings: DictConfig) -> None:
+    """Checks the M-step settings the schema's types cannot express; raises ValueError naming the key.
+
+    Called by :func:`validate` and by ``train.finetune.fine_tune`` itself (which tests and benchmarks call
+    with settings that were never composed).
+    """
+    precision = str(settings.precision)
+    if precision.endswith("-true") and precision not in ("32-true", "64-true"):
+        raise ValueError(
+            f"config error: trainer.precision={precision} would train the weights themselves in low "
+            "precision (AdamW updates below its rounding step are lost); use bf16-mixed (fp32 master "
+            "weights, bf16 autocast)"
+        )
+    if settings.epochs is not None and not settings.epochs > 0:
+        raise ValueError(f"config error: trainer.epochs must be > 0 or null, got {settings.epochs}")
+    if settings.lora.r < 0:
+        raise ValueError(
+            f"config error: trainer.lora.r must be >= 0 (0 = full fine-tuning), got {settings.lora.r}"
+        )
+    if settings.lora.r > 0 and settings.strategy == "fsdp":
+        raise ValueError(
+            "config error: trainer.lora.r > 0 with trainer.strategy=fsdp is not supported (the merge on "
+            "export needs the whole model); use ddp: LoRA's gradients and optimizer state are small"
+        )
 
 
 def hydra_entry(run_fn: Callable[[DictConfig], dict]) -> Callable[[], None]:

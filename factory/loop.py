@@ -24,7 +24,7 @@ from factory.snapshot import snapshot_stage
 from factory.stage_inputs import StageInputs
 from factory.tasks import build_task
 from factory.verify import verify_samples
-from train.finetune import train_from_base
+from train.m_step import train_from_base
 
 log = logging.getLogger(__name__)
 

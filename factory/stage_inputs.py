@@ -228,8 +228,8 @@ class StageInputs:
     def training_pairs(self, k: int | str) -> list[dict]:
         """The M-step's prompt/completion pairs: iteration ``k``'s snapshot (plus the human seeds with
         ``loop.include_human_data``), or the human seeds alone for ``sft_human``."""
+        from factory.base_model import human_pairs
         from factory.models import load_tokenizer
-        from train.finetune import human_pairs, snapshot_pairs
 
         if k == "sft_human":
             return human_pairs(self.task, tokenizer=load_tokenizer(self.base))
@@ -388,3 +388,11 @@ def stage_inputs(cfg: DictConfig) -> Iterator[StageInputs]:
         yield StageInputs(cfg, task=task, run_dir=run_dir)
     finally:
         task.close()
+
+
+def snapshot_pairs(dataset_dir: Path) -> list[dict]:
+    """The kept samples of a snapshot (``iter_k/dataset``) as prompt/completion pairs (the M-step's data)."""
+    from datasets import load_from_disk
+
+    ds = load_from_disk(str(dataset_dir))["train"]
+    return [{"prompt": p, "completion": c} for p, c in zip(ds["prompt"], ds["completion"], strict=True)]

@@ -16,7 +16,7 @@ from factory.config import compose
 from factory.rundir import RunDir, mark_done, write_json
 from factory.tasks import build_task
 from factory.verify import MAX_COMPLETION_CHARS, judge, verify_samples
-from train import finetune
+from train import m_step
 
 
 def _command(main, argv: list[str], capsys, *, one_line: bool = True) -> str:
@@ -147,7 +147,7 @@ def test_snapshot_with_zero_kept_samples(tmp_path, capsys):
     manifest = snapshot.run(compose(args))
     assert manifest["num_kept"] == 0 and manifest["status_counts"] == {"unparseable": 4}
     assert len(load_from_disk(str(run_dir.stage(1, "dataset")))["train"]) == 0
-    err = _command(finetune.main, args, capsys)
+    err = _command(m_step.main, args, capsys)
     assert err.startswith(
         f"error: the snapshot {run_dir.stage(1, 'dataset')} kept 0 samples: nothing to train on"
     )

@@ -12,7 +12,7 @@ import pytest
 from eval import evaluate
 from factory import base_model, sample, snapshot, verify
 from factory.rundir import RunDir, read_json
-from train import finetune
+from train import m_step
 
 
 @pytest.mark.slow
@@ -33,7 +33,7 @@ def test_stage_commands_in_sequence(make_cfg, easy_arith):
     assert manifest["num_kept"] == read_json(run_dir.stage(1, "dataset") / "manifest.json")["num_kept"]
     assert manifest["policy"] == str(base)
     if manifest["num_kept"]:
-        assert finetune.run(cfg)["steps"] == cfg.trainer.max_steps
+        assert m_step.run(cfg)["steps"] == cfg.trainer.max_steps
         metrics = evaluate.run(cfg)
         assert metrics["num_problems"] == cfg.task.num_test
     # Stage commands skip finished work.

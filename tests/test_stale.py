@@ -26,7 +26,7 @@ from factory import sample, snapshot, verify
 from factory.config import compose
 from factory.rundir import RunDir, read_shards
 from factory.tasks import arith
-from train import finetune
+from train import m_step
 
 OVERRIDES = [
     *SHRINK,
@@ -136,7 +136,7 @@ def test_changed_trainer_setting_is_refused(rerun, monkeypatch):
         "trainer.lr: 0.001 -> 0.002",
     )
     with pytest.raises(FileExistsError, match=r"trainer\.lr"):
-        finetune.run(make_cfg("trainer.lr=0.002", "iteration=1"))
+        m_step.run(make_cfg("trainer.lr=0.002", "iteration=1"))
 
 
 @pytest.mark.slow

@@ -10,7 +10,14 @@ from omegaconf import OmegaConf
 
 from factory.config import TrainerConfig
 from factory.rundir import read_json
-from train.data import IGNORE_INDEX, CyclingSampler, PromptCompletionDataModule, collate, tokenize_example
+from train.data import (
+    IGNORE_INDEX,
+    CyclingSampler,
+    PromptCompletionDataModule,
+    collate,
+    tokenize_example,
+    tokenize_pairs,
+)
 from train.finetune import fine_tune
 from train.module import warmup_linear_decay
 
@@ -55,7 +62,9 @@ def test_schedule_warms_up_then_decays():
 def test_empty_dataset_is_refused(tiny_model_and_tokenizer):
     _, tok = tiny_model_and_tokenizer
     with pytest.raises(ValueError, match="empty dataset"):
-        PromptCompletionDataModule(tok, [], batch_size=2, max_steps=1)
+        tokenize_pairs(tok, [], max_length=512)
+    with pytest.raises(ValueError, match="empty dataset"):
+        PromptCompletionDataModule([], pad_token_id=tok.pad_token_id, batch_size=2, max_steps=1)
 
 
 def test_fine_tune_learns_and_exports(tmp_path, tiny_model_and_tokenizer):

@@ -64,7 +64,7 @@ def test_multi_process_config_trains_like_one_process(tmp_path, single_process, 
 
 @pytest.mark.slow
 def test_loop_runs_a_multi_process_m_step_as_its_own_torchrun_job(tmp_path, single_process):
-    from train.finetune import train_from_base
+    from train.m_step import train_from_base
 
     model, tokenizer = dist_job.tiny_model()
     model.save_pretrained(tmp_path / "base")
@@ -79,3 +79,38 @@ def test_loop_runs_a_multi_process_m_step_as_its_own_torchrun_job(tmp_path, sing
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=name)
     assert not (tmp_path / ".m.launch").exists()
+
+
+@pytest.mark.slow
+def test_lora_under_ddp_trains_like_one_process(tmp_path):
+    """DDP skips the frozen base weights; the merged export of rank 0 equals a one-process LoRA fit."""
+    lora = ["trainer.lora.r=4", "trainer.checkpoint_every_n_steps=0"]
+    cfg = compose(
+        [
+            "paths.run_dir=unused",
+            "trainer=ddp",
+            *dist_job.CPU,
+            "trainer.devices=1",
+            "trainer.strategy=auto",
+            *lora,
+        ]
+    )
+    model, tokenizer = dist_job.tiny_model()
+    fine_tune(
+        model=model, tokenizer=tokenizer, pairs=dist_job.PAIRS, out_dir=tmp_path / "one", settings=cfg.trainer
+    )
+    job = subprocess.run(
+        [sys.executable, str(Path(dist_job.__file__)), str(tmp_path / "two"), "ddp", *lora],
+        cwd=tmp_path,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert read_json(tmp_path / "two" / "stage.json")["lora_r"] == 4
+    assert not list((tmp_path / "two").glob("adapter_*"))
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    for name, value in want.items():
+        torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=name)

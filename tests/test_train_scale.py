@@ -16,6 +16,7 @@ from train.data import (
     collate_packed,
     num_loss_tokens,
     tokenize_example,
+    tokenize_pairs,
 )
 from train.finetune import fine_tune
 from train.loss import causal_lm_loss_sum
@@ -195,7 +196,11 @@ class _Interrupt(Exception):
     pass
 
 
-def test_interrupted_m_step_resumes_to_the_same_weights(tmp_path, tiny_model_and_tokenizer):
+# Full fine-tuning with a step budget; LoRA (adapters in the checkpoint, merged on export) with an epoch one.
+@pytest.mark.parametrize(
+    "variant", [{}, {"lora": {"r": 4}, "epochs": 1.2, "max_steps": 100}], ids=["full", "lora"]
+)
+def test_interrupted_m_step_resumes_to_the_same_weights(tmp_path, tiny_model_and_tokenizer, variant):
     from lightning.pytorch.callbacks import Callback
 
     class StopAt(Callback):
@@ -204,7 +209,7 @@ def test_interrupted_m_step_resumes_to_the_same_weights(tmp_path, tiny_model_and
                 raise _Interrupt
 
     model, tok = tiny_model_and_tokenizer
-    settings = {"batch_size": 2, "global_batch_size": 4, "checkpoint_every_n_steps": 5}
+    settings = {"batch_size": 2, "global_batch_size": 4, "checkpoint_every_n_steps": 5, **variant}
     reference, info_ref = _train(model, tok, tmp_path / "a", "m", **settings)
 
     crashed = copy.deepcopy(model)
@@ -230,7 +235,7 @@ def test_interrupted_m_step_resumes_to_the_same_weights(tmp_path, tiny_model_and
         settings=_settings(**settings),
     )
     assert info["resumed_from_step"] == 5
-    assert info["steps"] == info_ref["steps"] == 12
+    assert info["steps"] == info_ref["steps"] == 12  # lora: ceil(1.2 epochs x 40 pairs / 4)
     assert info["first_loss"] == pytest.approx(info_ref["first_loss"])
     assert info["last_loss"] == pytest.approx(info_ref["last_loss"], rel=1e-5)
     _assert_same_weights(resumed, reference)
@@ -252,7 +257,10 @@ def test_checkpoints_of_other_settings_are_not_resumed(tmp_path, tiny_model_and_
 
 def test_data_module_resumes_at_the_restored_step(tiny_model_and_tokenizer):
     _, tok = tiny_model_and_tokenizer
-    data = PromptCompletionDataModule(tok, _pairs(), batch_size=2, max_steps=6, global_batch_size=4)
+    examples, _ = tokenize_pairs(tok, _pairs(), max_length=512)
+    data = PromptCompletionDataModule(
+        examples, pad_token_id=tok.pad_token_id, batch_size=2, max_steps=6, global_batch_size=4
+    )
     full = list(data.batch_sampler())
     assert list(data.batch_sampler(start_step=4)) == full[8:]
 

@@ -1,6 +1,13 @@
-"""The M-step: fine-tune the BASE model on an iteration's snapshot and export it with save_pretrained.
+"""The M-step's engine: fine-tune a causal LM on prompt/completion pairs and export it with save_pretrained.
 
-Command: ``restem-train iteration=2`` trains ``iter_2/model`` from the base model on ``iter_2/dataset``.
+``fine_tune`` is the one fit every training path runs (the M-step, the SFT baseline, the tiny model's base
+pretraining, torchrun jobs); ``fine_tune_base`` loads a saved base model for it. The stage command that
+picks the base model and the snapshot is ``train.m_step`` (``restem-train``).
+
+Precision: the optimizer always steps fp32 master weights, whatever ``model.dtype`` says: at a fine-tuning
+rate (1e-5) most AdamW updates of a bf16 weight are below its rounding step and would be lost. Mixed
+precision is the Trainer's autocast (``trainer.precision: bf16-mixed``); the exported folder holds the
+weights in the model's own dtype (``model.dtype``), which is what sampling and evaluation load.
 """
 
 from __future__ import annotations
@@ -12,14 +19,22 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-from factory.config import hydra_entry
+from factory.config import check_trainer
 from factory.rundir import atomic_dir, mark_done, write_json
 from train.checkpoints import CheckpointResume
-from train.data import PromptCompletionDataModule
+from train.data import PromptCompletionDataModule, num_steps, tokenize_pairs
 from train.module import CausalLMModule
-from train.strategy import accumulation, build_strategy, full_state_dict, gathered_model, is_sharded
+from train.strategy import (
+    accumulation,
+    build_strategy,
+    full_state_dict,
+    gathered_model,
+    is_sharded,
+    num_processes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +49,7 @@ def fine_tune(
     desc: str = "M-step",
     extra_info: dict | None = None,
     callbacks: list | None = None,
+    export_dtype: str | None = None,
 ) -> dict:
     """Trains ``model`` on prompt/completion ``pairs`` and saves model + tokenizer to ``out_dir`` atomically.
 
@@ -42,20 +58,29 @@ def fine_tune(
     sibling is removed once the model is saved.
 
     Args:
-        model: a transformers causal LM (trained in place).
+        model: a transformers causal LM, trained in place with fp32 master weights (a lower-precision model
+            is cast to fp32 first, and back to ``export_dtype`` for the export); with LoRA the adapters end
+            merged into it.
         tokenizer: its tokenizer (saved next to it).
-        pairs: dicts with ``prompt`` and ``completion``; only completion tokens are in the loss.
+        pairs: dicts with ``prompt`` and ``completion``; only completion tokens are in the loss. Prompts
+            longer than ``settings.max_seq_len`` lose their start; pairs whose completion does not fit are
+            dropped (both counted in the returned info).
         out_dir: the final folder; written via a temporary sibling and a rename.
-        settings: trainer settings (``conf/trainer``: max_steps, batch_size, lr, ...).
+        settings: trainer settings (``conf/trainer``: max_steps or epochs, batch_size, lr, lora, ...).
         desc: label for the log line.
         extra_info: merged into the folder's ``stage.json``.
         callbacks: extra Lightning callbacks (benchmarks, tests).
+        export_dtype: the saved weights' dtype (``model.dtype``: what sampling loads); None: the dtype
+            ``model`` came in.
 
     Returns:
-        dict with ``steps``, ``first_loss``, ``last_loss`` (mean of the last 50 steps), ``seconds``,
-        ``resumed_from_step``.
+        dict with ``steps``, ``epochs`` (passes over the kept examples), ``num_examples`` (kept),
+        ``num_pairs``, ``num_prompts_truncated``, ``num_dropped_too_long``,
+        ``num_dropped_no_loss_tokens``, ``max_seq_len``, ``lora_r``, ``first_loss``, ``last_loss`` (mean of
+        the last 50 steps), ``seconds``, ``resumed_from_step``.
     """
     start = time.time()
+    check_trainer(settings)
     # Lightning's start-up banner (accelerator lines, cloud-logging tips) is noise in a loop of many fits.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     # lightning 2.6 calls a torch pytree API that torch 2.13 deprecates: harmless, not ours to fix.
@@ -63,26 +88,53 @@ def fine_tune(
     # StepBatchSampler resumes at the restored global step itself (Lightning cannot know that).
     warnings.filterwarnings("ignore", message=r".*dataloader is not resumable.*")
     warnings.filterwarnings("ignore", message=r".*Checkpoint directory .* exists and is not empty.*")
+    export_dtype = export_dtype or str(model.dtype).removeprefix("torch.")
+    to_fp32(model)
     L.seed_everything(int(settings.seed), verbose=False)
-    data = PromptCompletionDataModule(
-        tokenizer,
-        pairs,
-        batch_size=int(settings.batch_size),
+    max_len = max_sequence_length(settings, model.config)
+    examples, data_stats = tokenize_pairs(tokenizer, pairs, max_length=max_len)
+    # The step count needs the global batch before the Trainer exists: the same rule as accumulation().
+    global_batch = int(settings.global_batch_size or int(settings.batch_size) * num_processes(settings))
+    steps = num_steps(
         max_steps=int(settings.max_steps),
+        epochs=settings.epochs,
+        num_examples=len(examples),
+        global_batch_size=global_batch,
+    )
+    dropped = data_stats["num_dropped_too_long"] + data_stats["num_dropped_no_loss_tokens"]
+    if dropped or data_stats["num_prompts_truncated"]:
+        log.warning(
+            "%s: max_seq_len=%d tokens: %d of %d prompts cut from the left, %d pairs dropped (%d completions "
+            "too long, %d with no loss tokens)",
+            desc,
+            max_len,
+            data_stats["num_prompts_truncated"],
+            len(pairs),
+            dropped,
+            data_stats["num_dropped_too_long"],
+            data_stats["num_dropped_no_loss_tokens"],
+        )
+    data = PromptCompletionDataModule(
+        examples,
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=int(settings.batch_size),
+        max_steps=steps,
         global_batch_size=settings.global_batch_size,
         packing=bool(settings.packing),
         seed=int(settings.seed),
     )
+    lora = OmegaConf.to_container(settings.lora, resolve=True)
     module = CausalLMModule(
         model,
         lr=float(settings.lr),
         weight_decay=float(settings.weight_decay),
         warmup_steps=int(settings.warmup_steps),
-        max_steps=int(settings.max_steps),
+        max_steps=steps,
         min_lr_ratio=float(settings.min_lr_ratio),
         loss_chunk_size=int(settings.loss_chunk_size),
         compile=bool(settings.compile),
         gradient_checkpointing=bool(settings.gradient_checkpointing),
+        lora=lora,
     )
     partial = Path(out_dir).with_name(f".{Path(out_dir).name}.partial")
     checkpoints = CheckpointResume(
@@ -94,8 +146,8 @@ def fine_tune(
         strategy=build_strategy(settings),
         num_nodes=int(settings.num_nodes),
         precision=settings.precision,
-        max_steps=int(settings.max_steps),
-        max_epochs=1,  # the data stream is exactly max_steps global batches long (StepBatchSampler)
+        max_steps=steps,
+        max_epochs=1,  # the data stream is exactly `steps` global batches long (StepBatchSampler)
         gradient_clip_val=float(settings.grad_clip),
         use_distributed_sampler=False,  # StepBatchSampler gives each rank its share itself
         logger=False,
@@ -109,17 +161,31 @@ def fine_tune(
     # Known once the trainer knows its world size; StepBatchSampler checks that it divides evenly.
     trainer.accumulate_grad_batches = accumulation(settings, trainer.world_size)
     resume = checkpoints.last() if settings.checkpoint_every_n_steps else None
+    epochs = round(steps * global_batch / len(examples), 3)
     log.info(
-        "%s: %d examples, %d steps of %d (micro-batch %d x %d devices x %d accumulation)%s",
+        "%s: %d examples, %d steps of %d (%.3g epochs; micro-batch %d x %d devices x %d accumulation)%s%s",
         desc,
-        len(pairs),
-        settings.max_steps,
-        settings.global_batch_size or settings.batch_size * trainer.world_size,
+        len(examples),
+        steps,
+        global_batch,
+        epochs,
         settings.batch_size,
         trainer.world_size,
         trainer.accumulate_grad_batches,
+        f", LoRA r={lora['r']}" if lora["r"] else "",
         f", resuming from {resume}" if resume else "",
     )
+    if (
+        settings.epochs is not None
+        and steps == int(settings.max_steps) < settings.epochs * len(examples) / global_batch
+    ):
+        log.warning(
+            "%s: trainer.epochs=%s needs more than trainer.max_steps=%d steps: capped at %.3g epochs",
+            desc,
+            settings.epochs,
+            steps,
+            epochs,
+        )
     trainer.fit(module, datamodule=data, ckpt_path=resume)
     # Under FSDP gathering the full weights is a collective, so every rank takes part; only rank 0 writes.
     sharded = is_sharded(trainer.strategy)
@@ -128,7 +194,10 @@ def fine_tune(
     tail = losses[-50:]
     info = {
         "steps": len(losses),
-        "num_examples": len(pairs),
+        "epochs": epochs,
+        **data_stats,
+        "max_seq_len": max_len,
+        "lora_r": lora["r"],
         "first_loss": losses[0] if losses else None,
         "last_loss": sum(tail) / len(tail) if tail else None,
         "resumed_from_step": checkpoints.step_of(resume) if resume else None,
@@ -139,8 +208,12 @@ def fine_tune(
             info["selection"] = callback.summary
     if trainer.global_rank != 0:
         return info
+    trained = gathered_model(model, state) if sharded else module.export_model()
+    # The export is what sampling loads, in model.dtype (bf16 halves the folder); the fp32 master weights
+    # are not needed again: the next M-step starts from the base model.
+    trained.to(getattr(torch, export_dtype))
     with atomic_dir(Path(out_dir)) as tmp:
-        (gathered_model(model, state) if sharded else model).save_pretrained(tmp)
+        trained.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         write_json(tmp / "train_log.json", {"losses": [round(x, 5) for x in losses]})
         info["seconds"] = round(time.time() - start, 3)
@@ -149,95 +222,42 @@ def fine_tune(
     return info
 
 
-def human_pairs(task, tokenizer=None) -> list[dict]:
-    """The human-written seed solutions as prompt/completion pairs (``tokenizer``: for chat prompts)."""
-    return [
-        {"prompt": task.format_prompt(p, tokenizer=tokenizer), "completion": p["solution"]}
-        for p in task.load_problems(split="human")
-    ]
-
-
-def snapshot_pairs(dataset_dir: Path) -> list[dict]:
-    """The kept samples of a snapshot (``iter_k/dataset``) as prompt/completion pairs."""
-    from datasets import load_from_disk
-
-    ds = load_from_disk(str(dataset_dir))["train"]
-    return [{"prompt": p, "completion": c} for p, c in zip(ds["prompt"], ds["completion"], strict=True)]
-
-
-def train_from_base(
-    cfg: DictConfig,
+def fine_tune_base(
     *,
-    base_path: Path,
+    base_path: Path | str,
     pairs: list[dict],
     out_dir: Path,
+    settings: DictConfig,
+    export_dtype: str,
     desc: str,
-    inputs: dict | None = None,
+    extra_info: dict | None = None,
+    callbacks: list | None = None,
 ) -> dict:
-    """Loads the base model fresh (ReST-EM never continues from the previous policy) and fine-tunes it.
-
-    A fit on several devices of one node that no launcher started runs as its own torchrun job
-    (``train.launch``), so the loop can run one multi-process M-step after another. ``inputs``
-    (``StageInputs.model``) are recorded in the model's ``stage.json``.
-    """
+    """``fine_tune`` of a saved base model, loaded with fp32 master weights whatever its stored dtype (a
+    bf16 checkpoint widens exactly; an fp32 one loaded in bf16 would lose precision before training)."""
     from factory.models import load_model, load_tokenizer
-    from train.launch import launch_fit, needs_launch
 
-    extra_info = {"base_model": str(base_path)}
-    if inputs is not None:
-        extra_info["inputs"] = inputs
-    if needs_launch(cfg.trainer):
-        return launch_fit(
-            base_path=base_path,
-            dtype=cfg.model.dtype,
-            pairs=pairs,
-            out_dir=out_dir,
-            settings=cfg.trainer,
-            desc=desc,
-            extra_info=extra_info,
-        )
-    model = load_model(base_path, dtype=cfg.model.dtype)
-    tokenizer = load_tokenizer(base_path)
     return fine_tune(
-        model=model,
-        tokenizer=tokenizer,
+        model=load_model(base_path, dtype="float32"),
+        tokenizer=load_tokenizer(base_path),
         pairs=pairs,
         out_dir=out_dir,
-        settings=cfg.trainer,
+        settings=settings,
         desc=desc,
         extra_info=extra_info,
+        callbacks=callbacks,
+        export_dtype=export_dtype,
     )
 
 
-def run(cfg: DictConfig) -> dict:
-    """Trains ``iter_{cfg.iteration}/model`` from the base model on that iteration's snapshot (a finished
-    model of the same inputs is skipped, one of other inputs refused, as is a snapshot of another
-    version)."""
-    from factory.stage_inputs import stage_inputs
-
-    k = int(cfg.iteration)
-    with stage_inputs(cfg) as stages:
-        dataset_dir, out = stages.run_dir.stage(k, "dataset"), stages.run_dir.stage(k, "model")
-        if not stages.is_current(k, "dataset"):
-            raise FileNotFoundError(
-                f"no finished snapshot at {dataset_dir}: run restem-snapshot iteration={k} first"
-            )
-        if stages.is_current(k, "model"):
-            return {"skipped": str(out)}
-        pairs = stages.training_pairs(k)
-        if not pairs:
-            raise ValueError(
-                f"the snapshot {dataset_dir} kept 0 samples: nothing to train on (its manifest.json has the "
-                "verdict counts); sample more (sampler.num_samples) or set loop.include_human_data=true"
-            )
-        return train_from_base(
-            cfg,
-            base_path=stages.base,
-            pairs=pairs,
-            out_dir=out,
-            desc=f"M-step iteration {k}",
-            inputs=stages.model(k, pairs),
-        )
+def to_fp32(model) -> None:
+    """Casts ``model``'s floating-point weights to fp32 in place when any is not (master weights)."""
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters()):
+        log.info("training with fp32 master weights (the model came in %s)", model.dtype)
+        model.float()
 
 
-main = hydra_entry(run)
+def max_sequence_length(settings: DictConfig, model_config) -> int:
+    """Tokens per training example: ``settings.max_seq_len``, at most the model's position embeddings."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    return min(int(settings.max_seq_len), int(positions)) if positions else int(settings.max_seq_len)

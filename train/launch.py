@@ -20,6 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from factory.rundir import read_json, write_json
+from train.finetune import fine_tune_base
 from train.strategy import num_processes
 
 _LAUNCHED = ("LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK")
@@ -34,14 +35,14 @@ def needs_launch(settings: DictConfig) -> bool:
 def launch_fit(
     *,
     base_path,
-    dtype: str,
+    export_dtype: str,
     pairs: list[dict],
     out_dir: Path,
     settings: DictConfig,
     desc: str,
     extra_info: dict,
 ) -> dict:
-    """Runs ``fine_tune`` of the base model under torchrun and returns the finished stage's info."""
+    """Runs ``fine_tune_base`` under torchrun and returns the finished stage's info."""
     out_dir = Path(out_dir)
     job = out_dir.with_name(f".{out_dir.name}.launch")
     shutil.rmtree(job, ignore_errors=True)
@@ -50,7 +51,7 @@ def launch_fit(
         job / "job.json",
         {
             "base_path": str(base_path),
-            "dtype": dtype,
+            "export_dtype": export_dtype,
             "out_dir": str(out_dir),
             "settings": OmegaConf.to_container(settings, resolve=True),
             "desc": desc,
@@ -72,17 +73,14 @@ def launch_fit(
 
 
 def _worker(job: Path) -> None:
-    from factory.models import load_model, load_tokenizer
-    from train.finetune import fine_tune
-
     spec = read_json(job / "job.json")
     pairs = [json.loads(line) for line in (job / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]
-    fine_tune(
-        model=load_model(spec["base_path"], dtype=spec["dtype"]),
-        tokenizer=load_tokenizer(spec["base_path"]),
+    fine_tune_base(
+        base_path=spec["base_path"],
         pairs=pairs,
         out_dir=Path(spec["out_dir"]),
         settings=OmegaConf.create(spec["settings"]),
+        export_dtype=spec["export_dtype"],
         desc=spec["desc"],
         extra_info=spec["extra_info"],
     )

