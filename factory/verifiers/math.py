@@ -14,6 +14,7 @@ import logging
 import re
 from functools import lru_cache
 
+from factory.verifiers.phrases import SENTENCE_END, UNITS
 from factory.verifiers.pool import DeadlinePool
 
 # Extraction only looks at the end of a completion: final answers live there, and this bounds the
@@ -26,16 +27,20 @@ WORKER_MEMORY_MB = 4096
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\b")
 _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
-# "The answer is 72." / "final answer is: $\frac12$" / "Final answer: 3". The value must be inline
-# math or a number-like token and must end the sentence, so prose such as "the answer is at most
-# 10 when ..." is not mistaken for a second (hedged) answer.
+_NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?"
+# "The answer is 72." / "final answer is: $\frac12$" / "**Answer:** 18" / "**The answer is 18.**" /
+# "The answer is $18 dollars." The value must be inline math or a number-like token, optionally with a
+# unit (factory/verifiers/phrases.py), and must end the sentence, so prose such as "the answer is at
+# most 10 when ..." is not mistaken for a second (hedged) answer. No two unbounded blank runs touch
+# (each "\s*" is followed by a fixed character), so a run of blanks costs linear, not quadratic, time.
 _PHRASE_RE = re.compile(
-    r"answer(?:\s+is\s*:?|\s*:)\s*(?:\*\*)?"
+    r"answer(?:\s+is(?:\s*:)?|\s*:)(?:\s*\*\*)?\s*"
     r"(?:(\$\$[^$]{1,600}\$\$|\$[^$\n]{1,600}\$|\\\((?:(?!\\\)).){1,600}\\\))"
-    r"|\\?\$?([-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?))"
-    r"(?:\*\*)?(?=[ \t]*(?:[.!]?[ \t]*(?:\n|$)|[.!][ \t]))",
+    rf"|\\?\$?({_NUMBER})){UNITS}(?:\*\*)?{SENTENCE_END}",
     re.IGNORECASE,
 )
+# A "####" line that holds a number and a unit ("#### $18 dollars."): the number alone is the answer.
+_HASH_UNIT_RE = re.compile(rf"(?:\*\*)?\\?\$?({_NUMBER}){UNITS}(?:\*\*)?[ \t]*[.!]?[ \t]*")
 _PERIOD_RE = re.compile(r"(?<!\.)\.\s*$")
 _MATH_DELIMS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
@@ -137,7 +142,9 @@ def extract_answers(completion: str) -> list[str]:
     """
     tail = completion[-TAIL_CHARS:]
     found = list(_boxes(tail))
-    found += [(m.start(), m.group(1)) for m in _HASH_RE.finditer(tail)]
+    for match in _HASH_RE.finditer(tail):
+        with_unit = _HASH_UNIT_RE.fullmatch(match.group(1).strip())
+        found.append((match.start(), with_unit.group(1) if with_unit else match.group(1)))
     for match in _PHRASE_RE.finditer(tail):
         value = match.group(1) or match.group(2)
         if "\\boxed" not in value and "\\fbox" not in value:
