@@ -76,6 +76,11 @@ class ArithTask:
             completions, [p["answer"] for p in problems], strictness=strictness or self.cfg.strictness
         )
 
+    def answer_classes(self, problems: list[dict], answers: list[list[str | None]]) -> list[list[int | None]]:
+        """Per problem, the class of each sampled answer (for maj@k): 0 when it is the gold integer, else
+        one id per distinct integer; None stays None."""
+        return arith_verifier.answer_classes([p["answer"] for p in problems], answers)
+
     def human_data_fingerprint(self) -> dict:
         """The config items that determine the human split (key of the cached tiny base model)."""
         # prompt_style joins the key only when it changes the solutions, so that the cached tiny base
