@@ -119,17 +119,18 @@ def test_huge_numbers_are_not_parsed():
 
 
 def test_megabyte_garbage_is_fast():
+    # CPU time of this process, not wall time: other jobs on a shared machine must not fail the test.
     rng = random.Random(0)
     garbage = "".join(rng.choice("ab1 +-*=.:\nAnswer") for _ in range(1_000_000))
-    start = time.perf_counter()
+    start = time.process_time()
     v = _one(garbage, "5", "steps")
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert v["reward"] == 0.0 and v["status"] in ("wrong", "unparseable")
 
 
 def test_megabyte_digit_string_is_fast():
     digits = "7" * 1_000_000
-    start = time.perf_counter()
+    start = time.process_time()
     verdicts = verify_batch(
         [digits, f"Answer: {digits}", f"{digits}+{digits}={digits}. Answer: 5"],
         ["5", "5", "5"],
@@ -139,7 +140,7 @@ def test_megabyte_digit_string_is_fast():
     # Shapes that would make a naive backtracking regex quadratic.
     check_equations(f"{digits}.5 " + "1 " * 200_000 + "1+" * 200_000 + "=" * 10)
     parse_answer(f"Answer: {digits}.5")
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert [v["status"] for v in verdicts] == ["unparseable", "unparseable", "wrong"]
     assert n_eq == (1, 0)
 
@@ -232,6 +233,9 @@ def test_free_text_canonical_integers():
         "Ann has 5 pens (3 + 4 - 2 = 5). The answer is 5.",
         "\\(3 \\times 4 = 12\\), \\(12 - 7 = 5\\). The answer is 5.",
         "Total = 10 / 2 = 5. The answer is 5.",
+        "4 books - 1 books = 3 books, then 3 books + 2 books = 5 books. The answer is 5.",  # units
+        "10 divided by 2 = 5. The answer is 5.",
+        "2 times 2 = 4, and 4 plus 1 = 5. The answer is 5.",
     ],
 )
 def test_free_text_true_steps(completion):
@@ -249,6 +253,8 @@ def test_free_text_true_steps(completion):
         ("3 + 4 = 7. She has 5 left. The answer is 5.", "last equation result 7 != answer 5"),
         ("She has 5 pens. The answer is 5.", "no equations before the answer"),
         ("Half of 10 is 5, 10 / 0 = 5. The answer is 5.", "false equation 10 / 0 = 5"),
+        ("1 books + 1 books + 3 books = 4 books. 4 + 1 = 5. The answer is 5.", "false equation 1 books"),
+        ("2 dozen - 19 = 5. The answer is 5.", "cannot read"),  # a scale word is not a unit
     ],
 )
 def test_free_text_false_steps(completion, detail):
@@ -262,7 +268,7 @@ def test_free_text_equations_after_the_answer_are_not_read():
 
 
 def test_free_text_is_linear_on_adversarial_input():
-    start = time.perf_counter()
+    start = time.process_time()
     verify_batch(
         [
             "The answer is " * 70_000,
@@ -275,7 +281,7 @@ def test_free_text_is_linear_on_adversarial_input():
         ["5", "5", "5", "5", "7", "1"],
         strictness="steps",
     )
-    assert time.perf_counter() - start < 3.0
+    assert time.process_time() - start < 3.0
 
 
 def test_answer_classes_compare_integers():

@@ -48,13 +48,25 @@ _BOXED_RE = re.compile(rf"\\boxed\{{[ \t]*(-?{_INT})[ \t]*\}}")
 _ANSWER_PATTERNS = (_ANSWER_RE, _PHRASE_RE, _BOXED_RE)
 
 # A run of numbers joined by operators and "=": "3+4=7", "3 x 4 = 12", "3 + 4 - 2 = 5", "7 - 9 = -2".
-# "x" and "×" are multiplication only here, between two numbers. Numbers inside a run may be decimals.
+# "x", "×" and "times" are multiplication only here, between two numbers. Numbers inside a run may be
+# decimals, and a number may carry one unit word when an operator follows it ("4 books - 1 books = 3
+# books" reads as 4 - 1 = 3), unless the word scales or compares it ("2 dozen", "5 more").
 _NUM = r"\d+(?:\.\d+)?"
-_OP = r"(?:[-+*/=×x÷·−]|\\times|\\cdot|\\div)"
-_RUN_RE = re.compile(rf"(?<![\w.,]){_NUM}(?:[ \t]*{_OP}[ \t]*-?{_NUM})+")
-_TOKEN_RE = re.compile(rf"{_NUM}|\\times|\\cdot|\\div|[-+*/=×x÷·−]")
-_TIMES = {"*", "x", "×", "·", "\\times", "\\cdot"}
+_OP = (
+    r"(?:[-+*/=×x÷·−]|\\times|\\cdot|\\div"
+    r"|(?<=[ \t])(?:times|plus|minus|divided[ \t]+by)(?=[ \t]))"  # words, between blanks
+)
+_NOT_EQUATION_UNITS = (
+    "times|more|less|fewer|dozens?|hundreds?|thousands?|millions?|billions?|percent|half|halves|twice|"
+    "thirds?|quarters?|of|per|each|and|or|than|then|is|are|was|were|so|x|plus|minus|divided"
+)
+_UNIT = rf"(?:[ \t]+(?=[A-Za-z])(?!(?:{_NOT_EQUATION_UNITS})\b)[A-Za-z]+(?=[ \t]*{_OP}))?"
+_RUN_RE = re.compile(rf"(?<![\w.,]){_NUM}{_UNIT}(?:[ \t]*{_OP}[ \t]*-?{_NUM}{_UNIT})+", re.IGNORECASE)
+# Tokens of a run; unit words are dropped, "x" alone and the operator words are operators.
+_TOKEN_RE = re.compile(rf"{_NUM}|\\times|\\cdot|\\div|[A-Za-z]+|[-+*/=×÷·−]")
+_TIMES = {"*", "x", "X", "×", "·", "\\times", "\\cdot"}
 _DIVIDE = {"/", "÷", "\\div"}
+_WORD_OPS = {"x": "*", "times": "*", "plus": "+", "minus": "-", "divided": "/"}
 # Characters next to a run that make it part of a longer expression the checker cannot read, e.g. the
 # "2 = 15" of "(3 + 4) * 2 = 15". "=" may precede a run ("Total = 3 + 4 = 7"): the run is then a claim
 # of its own.
@@ -212,6 +224,10 @@ def _equations(completion: str, cut: int) -> list[tuple[str, bool, int | Fractio
             continue
         sides: list[list[str]] = [[]]
         for token in _TOKEN_RE.findall(text):
+            if token[0].isalpha():
+                token = _WORD_OPS.get(token.lower(), "")
+                if not token:
+                    continue  # a unit word, or the "by" of "divided by"
             if token == "=":
                 sides.append([])
             else:
