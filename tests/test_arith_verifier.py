@@ -175,6 +175,7 @@ def test_batch_order_preserved():
         "**Answer:** 5",
         "The answer is $5.",
         "\\boxed{5}",
+        "2 + 3 = 5 pens.\n#### 5",
         "The answer is 5.\nAnswer: 5",  # the same value twice is not hedging
     ],
 )
@@ -205,6 +206,7 @@ def test_free_text_prose_is_not_an_answer(completion):
         "Answer: 5\nThe answer is 6.",
         "The answer is 5 pens. \\boxed{6}",
         "**The answer is 6.** Wait, the answer is 5.",
+        "#### 5\nThe answer is 9.",
     ],
 )
 @pytest.mark.parametrize("strictness", STRICTNESS)

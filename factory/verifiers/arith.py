@@ -45,7 +45,9 @@ _PHRASE_RE = re.compile(
     re.IGNORECASE,
 )
 _BOXED_RE = re.compile(rf"\\boxed\{{[ \t]*(-?{_INT})[ \t]*\}}")
-_ANSWER_PATTERNS = (_ANSWER_RE, _PHRASE_RE, _BOXED_RE)
+# GSM8K's marker, which models trained on it write: "#### 18".
+_HASH_RE = re.compile(rf"####[ \t]*\$?(-?{_INT}){_NOT_DECIMAL}{UNITS}{SENTENCE_END}")
+_ANSWER_PATTERNS = (_ANSWER_RE, _PHRASE_RE, _BOXED_RE, _HASH_RE)
 
 # A run of numbers joined by operators and "=": "3+4=7", "3 x 4 = 12", "3 + 4 - 2 = 5", "7 - 9 = -2".
 # "x", "×" and "times" are multiplication only here, between two numbers. Numbers inside a run may be
@@ -92,7 +94,8 @@ def _canonical_int(text: str) -> str | None:
 def _answers(completion: str) -> tuple[list[str], int]:
     """The distinct canonical answers (in order of appearance) and where the first answer statement starts.
 
-    Answers are ``Answer: N`` (the toy's form), ``the answer is N`` ending a sentence, and ``\\boxed{N}``.
+    Answers are ``Answer: N`` (the toy's form), ``the answer is N`` ending a sentence, ``\\boxed{N}``
+    and ``#### N``.
     The position is ``len(completion)`` when there is none.
     """
     found = []
@@ -116,9 +119,9 @@ def parse_answer(completion: str) -> str | None:
         completion: Model output text.
 
     Returns:
-        The canonical integer string of ``Answer: N``, ``The answer is N.`` or ``\\boxed{N}``, or None
-        when there is no parseable answer or the completion commits to several distinct answers
-        (hedging).
+        The canonical integer string of ``Answer: N``, ``The answer is N.``, ``\\boxed{N}`` or
+        ``#### N``, or None when there is no parseable answer or the completion commits to several
+        distinct answers (hedging).
     """
     if not isinstance(completion, str):
         return None
