@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -227,3 +228,21 @@ def test_prompt_style_keys_the_base_model_only_when_it_changes_the_solutions():
     plain = _task().human_data_fingerprint()
     assert "prompt_style" not in plain  # the plain style keeps the keys of cached tiny base models
     assert _task("task.prompt_style=chat").human_data_fingerprint() == {**plain, "prompt_style": "chat"}
+
+
+SMOLLM2 = Path("/work/models/SmolLM2-135M-Instruct")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not SMOLLM2.is_dir(), reason=f"{SMOLLM2} is not here (the lead's fetch fixture provides it)"
+)
+def test_chat_prompt_with_smollm2s_template():
+    from factory.models import load_tokenizer
+
+    task = _task("task.prompt_style=chat")
+    problem = task.load_problems(split="test")[0]
+    prompt = task.format_prompt(problem, tokenizer=load_tokenizer(SMOLLM2))
+    assert prompt.startswith("<|im_start|>system\n")  # the template's default system prompt
+    assert f"<|im_start|>user\n{problem['question']}\n\n{CHAT_INSTRUCTION}<|im_end|>\n" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
