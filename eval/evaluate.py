@@ -80,14 +80,16 @@ def evaluate_model(
         task, flat_problems, [x["completion"] for s in sampled for x in s], strictness="answer"
     )
     ks = sorted(int(k) for k in settings.ks)
+    per_answers = [[v["answer"] for v in flat_verdicts[i * n : (i + 1) * n]] for i in range(len(problems))]
+    # maj@k votes by the task's answer equivalence (None for tasks without final answers, e.g. code).
+    classes = task.answer_classes(problems, per_answers)
     rows, per_problem = [], []
     for i, (problem, g, gv) in enumerate(zip(problems, greedy, greedy_verdicts, strict=True)):
         verdicts = flat_verdicts[i * n : (i + 1) * n]
         metrics = problem_metrics(
-            gold=problem["answer"],
             greedy_correct=gv["reward"] > 0,
-            sample_answers=[v["answer"] for v in verdicts],
             sample_correct=[v["reward"] > 0 for v in verdicts],
+            sample_classes=None if classes is None else classes[i],
             ks=ks,
         )
         per_problem.append(metrics)
@@ -101,7 +103,8 @@ def evaluate_model(
                 "greedy_correct": metrics["greedy_correct"],
                 "num_samples": n,
                 "num_correct": metrics["num_correct"],
-                "sample_answers": [v["answer"] for v in verdicts],
+                "sample_answers": per_answers[i],
+                "sample_classes": None if classes is None else classes[i],
             }
         )
     result = aggregate(per_problem, ks)

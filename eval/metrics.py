@@ -74,59 +74,54 @@ def majority_vote(answers: list) -> object | None:
     return max(counts, key=lambda a: (counts[a], -first_seen[a]))
 
 
-_CORRECT = object()  # the vote of every correct sample: equal to no answer string
-
-
 def problem_metrics(
     *,
-    gold: str | None,
     greedy_correct: bool,
-    sample_answers: list[str | None],
     sample_correct: list[bool],
+    sample_classes: list[int | None] | None,
     ks: list[int],
 ) -> dict:
     """Per-problem metrics from a greedy decode and a set of samples.
 
     Args:
-        gold: The reference final answer; None for tasks without one (code), which makes every
-            maj@k None. The majority is correct when it is the correct samples' answer: they vote as
-            one, whatever form each wrote the gold answer in.
         greedy_correct: Whether the greedy decode was judged correct.
-        sample_answers: Extracted answer per sample (None if unparseable).
-        sample_correct: Verifier verdict per sample, aligned with answers.
+        sample_correct: Verifier verdict per sample.
+        sample_classes: The equivalence class of each sample's final answer, as given by the task's
+            ``answer_classes``: class 0 is the gold answer's class, other ids are wrong answers
+            (equivalent answers share an id, e.g. ``"1/3"`` and ``"\\frac{1}{3}"``), None marks a sample
+            without an answer. None as a whole: the task has no final answers (code), so every maj@k
+            is None.
         ks: The k values for pass@k and maj@k.
 
     Returns:
         A dict with keys ``greedy_correct``, ``num_samples``, ``num_correct``,
         ``pass_at_k`` ({k: float or None}) and ``maj_at_k`` ({k: bool or
-        None}); maj@k votes over the first k samples and is None if k > n.
+        None}); maj@k votes over the first k samples and is None if k > n. The majority is correct
+        when the most voted class (ties: the class seen first) is the gold's class.
 
     Raises:
-        ValueError: If answers and verdicts differ in length, or a k is < 1.
+        ValueError: If classes and verdicts differ in length, or a k is < 1.
     """
-    if len(sample_answers) != len(sample_correct):
+    if sample_classes is not None and len(sample_classes) != len(sample_correct):
         raise ValueError(
-            f"sample_answers ({len(sample_answers)}) and sample_correct "
+            f"sample_classes ({len(sample_classes)}) and sample_correct "
             f"({len(sample_correct)}) must have the same length"
         )
     n = len(sample_correct)
     c = sum(1 for ok in sample_correct if ok)
-    # Every sample the verifier judged correct gave an answer equivalent to the gold one, so they vote
-    # as one answer ("0.5", "\\frac12" and "1/2" for a gold "\\frac{1}{2}"); comparing strings instead
-    # split their votes and missed equivalent majorities. Wrong answers vote by their exact text.
-    votes = [_CORRECT if ok else answer for answer, ok in zip(sample_answers, sample_correct, strict=True)]
     pass_k: dict[int, float | None] = {}
     maj_k: dict[int, bool | None] = {}
     for k in ks:
         k = int(k)
         pass_k[k] = pass_at_k(n, c, k)
-        if k > n or gold is None:
-            # gold None: the task has no final answer to vote on (code), so maj@k is undefined.
+        if k > n or sample_classes is None:
             maj_k[k] = None
         else:
-            # Majority over a prefix mirrors drawing only k samples, so maj@k
-            # for small k is not inflated by the later samples.
-            maj_k[k] = majority_vote(votes[:k]) is _CORRECT
+            # Every answer votes by its equivalence class: voting by text split equivalent answers, and
+            # letting only the correct ones vote as one class overstated maj@k whenever equivalent
+            # wrong answers ("1/3", "\\frac13") together out-voted the correct ones. A majority over a
+            # prefix mirrors drawing only k samples, so maj@k for small k is not inflated by later samples.
+            maj_k[k] = majority_vote(sample_classes[:k]) == 0
     return {
         "greedy_correct": bool(greedy_correct),
         "num_samples": n,

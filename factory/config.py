@@ -41,7 +41,7 @@ class ArithTaskConfig:
     max_operand: int = 5
     max_value: int = 30
     strictness: str = "steps"  # E-step reward: "answer" (outcome only, the paper) or "steps"
-    prompt_style: str = "plain"  # plain | chat (a model recipe for an instruct model sets chat)
+    prompt_style: str = "plain"  # plain ("Q: ...\nA: ", tiny model) | chat (the tokenizer's chat template)
 
 
 @dataclass
@@ -300,6 +300,10 @@ def validate(cfg: DictConfig) -> None:
                 "config error: task.verifier_workers must be >= 1 and task.verifier_timeout > 0, got "
                 f"{cfg.task.verifier_workers} and {cfg.task.verifier_timeout}"
             )
+    if cfg.task.name == "arith" and cfg.task.prompt_style not in ("plain", "chat"):
+        raise ValueError(
+            f"config error: task.prompt_style={cfg.task.prompt_style!r}; allowed for arith: plain, chat"
+        )
     positive = [
         "sampler.num_samples",
         "sampler.batch_size",

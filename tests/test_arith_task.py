@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
-from factory.tasks.arith import SPLITS, format_prompt, generate_split, split_of_computation
+from factory.tasks.arith import (
+    CHAT_INSTRUCTION,
+    SPLITS,
+    chat_solution,
+    format_prompt,
+    generate_split,
+    split_of_computation,
+)
 from factory.verifiers.arith import check_equations, verify_batch
 
 KNOBS = dict(min_steps=1, max_steps=4, max_operand=9, max_value=99)
@@ -142,3 +150,99 @@ def test_bad_arguments_raise(overrides, name):
 def test_arguments_are_keyword_only():
     with pytest.raises(TypeError):
         generate_split("train", 10, 0, 1, 4, 9, 99)  # type: ignore[misc]
+
+
+# --- the chat prompt style (instruct models) ---------------------------------------------------------
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def _task(*overrides):
+    from factory.config import compose
+    from factory.tasks import build_task
+
+    return build_task(compose(["task.num_human=20", "task.num_test=5", *overrides]).task)
+
+
+def test_chat_solution_form():
+    assert chat_solution("3+4=7. 7-2=5. Answer: 5") == "3 + 4 = 7. 7 - 2 = 5. The answer is 5."
+    assert chat_solution("2*3=6. Answer: 6") == "2 * 3 = 6. The answer is 6."
+    with pytest.raises(ValueError, match="Answer"):
+        chat_solution("3 + 4 = 7. The answer is 7.")
+
+
+def test_chat_style_changes_only_the_solutions_and_they_pass_the_steps_verifier():
+    plain, chat = _task(), _task("task.prompt_style=chat")
+    plain_human, chat_human = plain.load_problems(split="human"), chat.load_problems(split="human")
+    # The tiny model's solutions are untouched; the chat ones are the same problems in free text.
+    assert plain_human == _gen_like(plain)
+    assert [{**p, "solution": None} for p in plain_human] == [{**p, "solution": None} for p in chat_human]
+    assert all(p["solution"].endswith(f"The answer is {p['answer']}.") for p in chat_human)
+    verdicts = chat.verify(chat_human, [p["solution"] for p in chat_human], strictness="steps")
+    assert all(v["status"] == "correct" and v["steps_valid"] for v in verdicts)
+    assert plain.load_problems(split="human")[0]["solution"].endswith(f"Answer: {plain_human[0]['answer']}")
+
+
+def _gen_like(task):
+    cfg = task.cfg
+    return generate_split(
+        split="human",
+        num_problems=int(cfg.num_human),
+        seed=int(cfg.seed),
+        min_steps=int(cfg.human_min_steps),
+        max_steps=int(cfg.human_max_steps),
+        max_operand=int(cfg.max_operand),
+        max_value=int(cfg.max_value),
+    )
+
+
+def test_chat_prompt_uses_the_tokenizers_template():
+    from factory.models import train_char_tokenizer
+
+    task = _task("task.prompt_style=chat")
+    problem = task.load_problems(split="test")[0]
+    tokenizer = train_char_tokenizer(["abc"])
+    tokenizer.chat_template = CHAT_TEMPLATE
+    prompt = task.format_prompt(problem, tokenizer=tokenizer)
+    assert prompt == f"<|user|>{problem['question']}\n\n{CHAT_INSTRUCTION}\n<|assistant|>"
+    assert '"The answer is N."' in CHAT_INSTRUCTION
+    with pytest.raises(ValueError, match="prompt_style=chat needs a tokenizer with a chat template"):
+        task.format_prompt(problem)
+    with pytest.raises(ValueError, match="without one"):
+        task.format_prompt(problem, tokenizer=train_char_tokenizer(["abc"]))
+    # The plain style ignores the tokenizer.
+    assert _task().format_prompt(problem, tokenizer=tokenizer) == format_prompt(problem)
+
+
+def test_bad_prompt_style_fails_with_the_key():
+    from factory.config import compose
+
+    with pytest.raises(ValueError, match=r"task\.prompt_style='fewshot'; allowed for arith: plain, chat"):
+        compose(["task.prompt_style=fewshot"])
+
+
+def test_prompt_style_keys_the_base_model_only_when_it_changes_the_solutions():
+    plain = _task().human_data_fingerprint()
+    assert "prompt_style" not in plain  # the plain style keeps the keys of cached tiny base models
+    assert _task("task.prompt_style=chat").human_data_fingerprint() == {**plain, "prompt_style": "chat"}
+
+
+SMOLLM2 = Path("/work/models/SmolLM2-135M-Instruct")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not SMOLLM2.is_dir(), reason=f"{SMOLLM2} is not here (the lead's fetch fixture provides it)"
+)
+def test_chat_prompt_with_smollm2s_template():
+    from factory.models import load_tokenizer
+
+    task = _task("task.prompt_style=chat")
+    problem = task.load_problems(split="test")[0]
+    prompt = task.format_prompt(problem, tokenizer=load_tokenizer(SMOLLM2))
+    assert prompt.startswith("<|im_start|>system\n")  # the template's default system prompt
+    assert f"<|im_start|>user\n{problem['question']}\n\n{CHAT_INSTRUCTION}<|im_end|>\n" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from factory.verifiers.arith import STRICTNESS, check_equations, parse_answer, verify_batch
+from factory.verifiers.arith import STRICTNESS, answer_classes, check_equations, parse_answer, verify_batch
 
 
 def _one(completion, gold, strictness="answer"):
@@ -105,7 +105,8 @@ def test_gold_is_canonicalised():
 def test_equations_counted_before_first_answer():
     assert check_equations("3+4=7. 7*2=14. 14-1=12. Answer: 12") == (3, 2)
     assert check_equations("3 + 4 = 7. Answer: 7. 1+1=3") == (1, 1)
-    assert check_equations("3+4=7=8. Answer: 8") == (1, 1)
+    # A chain claims every side equal: "3+4=7=8" says 7 = 8 (it used to count as the true "3+4=7").
+    assert check_equations("3+4=7=8. Answer: 8") == (1, 0)
     assert check_equations("no maths here") == (0, 0)
     assert check_equations("2-5=-3. Answer: -3") == (1, 1)
 
@@ -118,17 +119,18 @@ def test_huge_numbers_are_not_parsed():
 
 
 def test_megabyte_garbage_is_fast():
+    # CPU time of this process, not wall time: other jobs on a shared machine must not fail the test.
     rng = random.Random(0)
     garbage = "".join(rng.choice("ab1 +-*=.:\nAnswer") for _ in range(1_000_000))
-    start = time.perf_counter()
+    start = time.process_time()
     v = _one(garbage, "5", "steps")
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert v["reward"] == 0.0 and v["status"] in ("wrong", "unparseable")
 
 
 def test_megabyte_digit_string_is_fast():
     digits = "7" * 1_000_000
-    start = time.perf_counter()
+    start = time.process_time()
     verdicts = verify_batch(
         [digits, f"Answer: {digits}", f"{digits}+{digits}={digits}. Answer: 5"],
         ["5", "5", "5"],
@@ -138,7 +140,7 @@ def test_megabyte_digit_string_is_fast():
     # Shapes that would make a naive backtracking regex quadratic.
     check_equations(f"{digits}.5 " + "1 " * 200_000 + "1+" * 200_000 + "=" * 10)
     parse_answer(f"Answer: {digits}.5")
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert [v["status"] for v in verdicts] == ["unparseable", "unparseable", "wrong"]
     assert n_eq == (1, 0)
 
@@ -156,3 +158,136 @@ def test_unknown_strictness_raises():
 def test_batch_order_preserved():
     verdicts = verify_batch(["Answer: 1", "Answer: 2", "nothing"], ["1", "1", "1"])
     assert [v["status"] for v in verdicts] == ["correct", "wrong", "unparseable"]
+
+
+# --- free text (the chat prompt style: instruct models) ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "3 + 4 = 7. 7 - 2 = 5. The answer is 5.",
+        "The answer is **5**.",
+        "**The answer is 5.**",
+        "So Ann has 5 pens left.\n\nThe answer is 5 pens.",
+        "The final answer is: 5",
+        "the answer is 5",
+        "**Answer:** 5",
+        "The answer is $5.",
+        "\\boxed{5}",
+        "2 + 3 = 5 pens.\n#### 5",
+        "The answer is 5.\nAnswer: 5",  # the same value twice is not hedging
+    ],
+)
+def test_free_text_answers(completion):
+    assert parse_answer(completion) == "5"
+    assert _one(completion, "5")["status"] == "correct"
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "The answer is 5 more than 3.",
+        "the answer is 5 when she gives 2 away, so",
+        "The answer is 5.5.",
+        "The answer is 5 or 6.",
+        "The answer is five.",
+    ],
+)
+def test_free_text_prose_is_not_an_answer(completion):
+    assert parse_answer(completion) is None
+    assert _one(completion, "5")["status"] == "unparseable"
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "The answer is 5. The answer is 6.",
+        "Answer: 5\nThe answer is 6.",
+        "The answer is 5 pens. \\boxed{6}",
+        "**The answer is 6.** Wait, the answer is 5.",
+        "#### 5\nThe answer is 9.",
+    ],
+)
+@pytest.mark.parametrize("strictness", STRICTNESS)
+def test_free_text_hedges_are_wrong(completion, strictness):
+    v = _one(completion, "5", strictness)
+    assert v["status"] == "wrong" and v["reward"] == 0.0 and "hedged" in v["detail"]
+
+
+def test_free_text_canonical_integers():
+    assert parse_answer("The answer is 1,234.") == "1234"
+    assert parse_answer("The answer is 007 cards.") == "7"
+    assert _one("The answer is 1,234.", "1234")["status"] == "correct"
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "3 + 4 = 7. Then 7 - 2 = 5. The answer is 5.",
+        "She has 3 x 4 = 12 cards, then 12 - 7 = 5. The answer is 5.",
+        "3 × 4 = 12\n12 − 7 = 5\nThe answer is 5.",
+        "4*3 = 12, 12 - 7 = 5. So the answer is **5**.",
+        "3 + 4 - 2 = 5. The answer is 5.",  # a chain, left to right
+        "2 + 3 * 1 = 5. The answer is 5.",  # usual precedence
+        "- 3 + 4 = 7\n- 7 - 2 = 5\n\n**The answer is 5.**",  # list bullets are not minus signs
+        "**3 + 4 = 7**, and **7 - 2 = 5**. The answer is 5.",
+        "Ann has 5 pens (3 + 4 - 2 = 5). The answer is 5.",
+        "\\(3 \\times 4 = 12\\), \\(12 - 7 = 5\\). The answer is 5.",
+        "Total = 10 / 2 = 5. The answer is 5.",
+        "4 books - 1 books = 3 books, then 3 books + 2 books = 5 books. The answer is 5.",  # units
+        "10 divided by 2 = 5. The answer is 5.",
+        "2 times 2 = 4, and 4 plus 1 = 5. The answer is 5.",
+    ],
+)
+def test_free_text_true_steps(completion):
+    v = _one(completion, "5", "steps")
+    assert v["status"] == "correct" and v["steps_valid"], v
+
+
+@pytest.mark.parametrize(
+    ("completion", "detail"),
+    [
+        ("3 + 4 = 8. 8 - 3 = 5. The answer is 5.", "false equation 3 + 4 = 8"),
+        ("3 x 4 = 13. 13 - 8 = 5. The answer is 5.", "false equation 3 x 4 = 13"),
+        ("3 + 4 = 7 - 2 = 5. The answer is 5.", "false equation 3 + 4 = 7 - 2 = 5"),  # says 7 = 5
+        ("(3 + 4) * 2 = 15. 10 - 5 = 5. The answer is 5.", "cannot read"),  # unread working is not trusted
+        ("3 + 4 = 7. She has 5 left. The answer is 5.", "last equation result 7 != answer 5"),
+        ("She has 5 pens. The answer is 5.", "no equations before the answer"),
+        ("Half of 10 is 5, 10 / 0 = 5. The answer is 5.", "false equation 10 / 0 = 5"),
+        ("1 books + 1 books + 3 books = 4 books. 4 + 1 = 5. The answer is 5.", "false equation 1 books"),
+        ("2 dozen - 19 = 5. The answer is 5.", "cannot read"),  # a scale word is not a unit
+    ],
+)
+def test_free_text_false_steps(completion, detail):
+    assert _one(completion, "5", "answer")["status"] == "correct"
+    v = _one(completion, "5", "steps")
+    assert v["status"] == "wrong" and not v["steps_valid"] and detail in v["detail"], v
+
+
+def test_free_text_equations_after_the_answer_are_not_read():
+    assert check_equations("3 + 2 = 5. The answer is 5. Check: 5 + 1 = 7") == (1, 1)
+
+
+def test_free_text_is_linear_on_adversarial_input():
+    start = time.process_time()
+    verify_batch(
+        [
+            "The answer is " * 70_000,
+            "the answer is" + " " * 1_000_000 + "5",
+            "The answer is 5" + " pens" * 200_000,
+            "3 + " * 250_000 + "= 5. The answer is 5.",
+            "(3 + 4 = 7) " * 80_000 + "The answer is 7.",
+            "- 1 x 1 = 1\n" * 80_000 + "The answer is 1.",
+        ],
+        ["5", "5", "5", "5", "7", "1"],
+        strictness="steps",
+    )
+    assert time.process_time() - start < 3.0
+
+
+def test_answer_classes_compare_integers():
+    got = answer_classes(["7", "12"], [["007", None, "8", "7", "8", "-0"], ["1,2", "12"]])
+    assert got == [[0, None, 1, 0, 1, 2], [1, 0]]
+    with pytest.raises(ValueError, match="golds"):
+        answer_classes(["7"], [])

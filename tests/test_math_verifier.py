@@ -64,6 +64,78 @@ def test_extract_answers_finds_all_forms():
     assert extract_answers("garbage") == []
 
 
+# Endings of instruct models on GSM8K (Qwen2.5-Instruct, Llama 3.x, SmolLM2): bold markdown, units,
+# currency. Each was "unparseable" before the phrase rule learned bold and unit words.
+INSTRUCT_FORMATS = [
+    "**The answer is 18.**",
+    "The answer is 18 dollars.",
+    "**Answer:** 18",
+    "Answer: 18 apples",
+    "The answer is 18 pens.\n",
+    "The answer is $18 dollars.",
+    "The answer is 18 square feet.",
+    "The answer is $18$ dollars.",
+    "**The answer is: 18 pens**",
+    "**Answer: 18 pieces of candy**",
+    "She pays 3 * 6 = 18 dollars.\n#### 18 dollars",
+]
+# Formats that already parsed; kept here so the new rules cannot lose them.
+KNOWN_FORMATS = [
+    "The answer is $18.",
+    "The final answer is 18",
+    "The answer is: 18",
+    "The answer is **18**.",
+    "#### 18",
+    "The final answer is: $\\boxed{18}$",
+    "Final Answer: The final answer is 18. I hope it is correct.",
+]
+
+
+@pytest.mark.parametrize("completion", INSTRUCT_FORMATS + KNOWN_FORMATS)
+def test_instruct_model_answer_formats(completion):
+    assert extract_answers(completion) == ["18"]
+    verdict = verify_one(completion, "18")
+    assert verdict["status"] == "correct", verdict
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "the answer is at most 10 when x grows",
+        "The answer is 10 times larger.",
+        "the answer is 4 when n is even.",
+        "The answer is 3 or 4.",
+        "The answer is 2 more than x.",
+        "The answer is 18 dollars per week in total.",  # four words: prose, not a unit
+        "The answer is 5 hours and 20 minutes.",
+    ],
+)
+def test_prose_after_the_answer_phrase_is_not_an_answer(completion):
+    assert extract_answers(completion) == []
+
+
+@pytest.mark.parametrize(
+    "completion",
+    [
+        "The answer is 18 dollars. **Answer:** 19",
+        "**The answer is 18.**\n\\boxed{19}",
+        "Answer: 18 apples\n#### 19 apples",
+    ],
+)
+def test_hedges_across_the_new_formats_stay_wrong(completion):
+    verdict = verify_one(completion, "18")
+    assert verdict["status"] == "wrong" and "hedged" in verdict["detail"], verdict
+
+
+def test_answer_phrase_is_linear_in_a_run_of_blanks():
+    # "answer is" then thousands of blanks made the old phrase regex split the run between two "\s*"
+    # in every way (quadratic: ~1.7 s for the 4,000-character tail).
+    text = "the answer is" + " " * 3980 + "x"
+    start = time.perf_counter()
+    assert extract_answers(text) == []
+    assert time.perf_counter() - start < 0.3
+
+
 # --- single verdicts --------------------------------------------------------------------------
 
 

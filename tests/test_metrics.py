@@ -71,13 +71,17 @@ def test_majority_vote_no_answers():
     assert majority_vote([None, None]) is None
 
 
+def _metrics(gold, answers, correct, ks, greedy=False):
+    """problem_metrics with the arith task's classes (integers compared as integers)."""
+    from factory.verifiers.arith import answer_classes
+
+    (classes,) = answer_classes([gold], [answers])
+    return problem_metrics(greedy_correct=greedy, sample_correct=correct, sample_classes=classes, ks=ks)
+
+
 def test_problem_metrics_hand_made():
-    m = problem_metrics(
-        gold="5",
-        greedy_correct=True,
-        sample_answers=["3", "5", "3", "5", "5", None],
-        sample_correct=[False, True, False, True, True, False],
-        ks=[1, 2, 4, 8],
+    m = _metrics(
+        "5", ["3", "5", "3", "5", "5", None], [False, True, False, True, True, False], [1, 2, 4, 8], True
     )
     assert m["greedy_correct"] is True
     assert m["num_samples"] == 6
@@ -92,13 +96,7 @@ def test_problem_metrics_hand_made():
 
 
 def test_problem_metrics_maj_uses_prefix():
-    m = problem_metrics(
-        gold="7",
-        greedy_correct=False,
-        sample_answers=["7", "1", "1", "1"],
-        sample_correct=[True, False, False, False],
-        ks=[1, 4],
-    )
+    m = _metrics("7", ["7", "1", "1", "1"], [True, False, False, False], [1, 4])
     assert m["greedy_correct"] is False
     assert m["maj_at_k"] == {1: True, 4: False}
     assert m["pass_at_k"][1] == pytest.approx(0.25)
@@ -106,28 +104,16 @@ def test_problem_metrics_maj_uses_prefix():
 
 
 def test_problem_metrics_length_mismatch():
-    with pytest.raises(ValueError):
-        problem_metrics(gold="1", greedy_correct=True, sample_answers=["1"], sample_correct=[], ks=[1])
+    with pytest.raises(ValueError, match="sample_classes"):
+        problem_metrics(greedy_correct=True, sample_correct=[], sample_classes=[0], ks=[1])
 
 
 def _problems():
     return [
-        problem_metrics(
-            gold="1", greedy_correct=True, sample_answers=["1", "1"], sample_correct=[True, True], ks=[1, 2]
-        ),
-        problem_metrics(
-            gold="2", greedy_correct=False, sample_answers=["2", "3"], sample_correct=[True, False], ks=[1, 2]
-        ),
-        problem_metrics(
-            gold="3",
-            greedy_correct=False,
-            sample_answers=[None, "4"],
-            sample_correct=[False, False],
-            ks=[1, 2],
-        ),
-        problem_metrics(
-            gold="4", greedy_correct=True, sample_answers=["5", "4"], sample_correct=[False, True], ks=[1, 2]
-        ),
+        _metrics("1", ["1", "1"], [True, True], [1, 2], True),
+        _metrics("2", ["2", "3"], [True, False], [1, 2]),
+        _metrics("3", [None, "4"], [False, False], [1, 2]),
+        _metrics("4", ["5", "4"], [False, True], [1, 2], True),
     ]
 
 
@@ -145,9 +131,7 @@ def test_aggregate_hand_made():
 
 def test_aggregate_none_propagates():
     probs = _problems()
-    probs.append(
-        problem_metrics(gold="1", greedy_correct=True, sample_answers=["1"], sample_correct=[True], ks=[1, 2])
-    )
+    probs.append(_metrics("1", ["1"], [True], [1, 2], True))
     agg = aggregate(probs, [1, 2])
     assert agg["pass_at_k"][1] is not None
     assert agg["pass_at_k"][2] is None
@@ -159,42 +143,124 @@ def test_aggregate_empty_raises():
         aggregate([], [1])
 
 
-def test_problem_metrics_without_gold_code_task():
-    # Code tasks have no final answer: maj@k is undefined (None) while pass@k is still estimated,
-    # including zero correct and k > n.
+def test_problem_metrics_without_classes_code_task():
+    # Code tasks have no final answer (answer_classes is None): maj@k is undefined (None) while pass@k is
+    # still estimated, including zero correct and k > n.
     out = problem_metrics(
-        gold=None,
-        greedy_correct=False,
-        sample_answers=[None] * 3,
-        sample_correct=[False, True, False],
-        ks=[1, 2, 4],
+        greedy_correct=False, sample_correct=[False, True, False], sample_classes=None, ks=[1, 2, 4]
     )
     assert out["maj_at_k"] == {1: None, 2: None, 4: None}
     assert out["pass_at_k"][1] == pytest.approx(1 / 3)
     assert out["pass_at_k"][2] == pytest.approx(2 / 3)
     assert out["pass_at_k"][4] is None
     none_right = problem_metrics(
-        gold=None, greedy_correct=False, sample_answers=[None] * 2, sample_correct=[False, False], ks=[1, 2]
+        greedy_correct=False, sample_correct=[False, False], sample_classes=None, ks=[1, 2]
     )
     assert none_right["pass_at_k"] == {1: 0.0, 2: 0.0}
 
 
+def test_maj_votes_by_class():
+    # Class 0 is the gold's: it wins only with the most votes (ties: the class seen first).
+    def maj(classes, k=None):
+        k = k or len(classes)
+        m = problem_metrics(
+            greedy_correct=False, sample_correct=[c == 0 for c in classes], sample_classes=classes, ks=[k]
+        )
+        return m["maj_at_k"][k]
+
+    assert maj([1, 0, 0, 2]) is True
+    assert maj([1, 0, 0, 1]) is False  # tie, class 1 first
+    assert maj([0, 1, 1, 1, 0]) is False
+    assert maj([None, None, 0]) is True
+    assert maj([None, None]) is False
+
+
+def test_integer_answers_vote_as_integers():
+    # arith: "007" and "7" are one answer; so are "1,000" and "1000" (a wrong one here).
+    m = _metrics("7", ["1,000", "007", "1000", "7", "1000"], [False, True, False, True, False], [5])
+    assert m["maj_at_k"] == {5: False}
+    m = _metrics("1000", ["1,000", "5", "1000", "5"], [True, False, True, False], [4])
+    assert m["maj_at_k"] == {4: True}
+
+
+# --- maj@k with math answers: every answer votes by its math-verify class -----------------------
+
+
+def _math_metrics(gold, answers, ks):
+    pytest.importorskip("math_verify", reason="math-verify is not installed")
+    from factory.verifiers.math import answer_classes, verify_one
+
+    correct = [a is not None and verify_one(f"\\boxed{{{a}}}", gold)["reward"] > 0 for a in answers]
+    (classes,) = answer_classes([gold], [answers], workers=1)
+    return problem_metrics(greedy_correct=False, sample_correct=correct, sample_classes=classes, ks=ks)
+
+
 def test_maj_counts_equivalent_forms_of_the_gold_answer_as_one():
     # Three correct samples wrote 1/2 three ways; string voting split them and let "3" win the tie.
-    m = problem_metrics(
-        gold="\\frac{1}{2}",
-        greedy_correct=False,
-        sample_answers=["3", "0.5", "\\dfrac{1}{2}", "1/2", "3"],
-        sample_correct=[False, True, True, True, False],
-        ks=[1, 4, 5],
-    )
+    m = _math_metrics("\\frac{1}{2}", ["3", "0.5", "\\dfrac{1}{2}", "1/2", "3"], [1, 4, 5])
     assert m["maj_at_k"] == {1: False, 4: True, 5: True}
-    # Wrong answers still vote by their text: two "7"s beat one correct sample.
-    m = problem_metrics(
-        gold="5",
-        greedy_correct=False,
-        sample_answers=["7", "5", "7"],
-        sample_correct=[False, True, False],
-        ks=[3],
+    # Two equal wrong answers beat one correct sample.
+    assert _math_metrics("5", ["7", "5", "7"], [3])["maj_at_k"] == {3: False}
+
+
+def test_equivalent_wrong_answers_outvote_the_correct_ones():
+    # Two correct samples against three that all say 1/3 in different forms. Voting the wrong answers by
+    # text (one vote each) made the two correct samples the majority: maj@k was overstated.
+    m = _math_metrics("2", ["2", "\\frac{1}{3}", "1/3", "2", "\\dfrac13"], [2, 5])
+    assert m["maj_at_k"] == {2: True, 5: False}
+    # The same with 1/2 as the gold: 3, 6/2 and 3.0 are one wrong answer with three votes.
+    m = _math_metrics("\\frac{1}{2}", ["3", "0.5", "1/2", "6/2", "3.0"], [5])
+    assert m["maj_at_k"] == {5: False}
+
+
+def test_math_answer_classes_gold_first_and_fallback():
+    pytest.importorskip("math_verify", reason="math-verify is not installed")
+    from factory.verifiers.math import answer_classes
+
+    got = answer_classes(
+        ["\\frac{1}{2}", "7"],
+        [["0.5", None, "3", "1/3", "\\frac{2}{6}", "6/2", "1/2"], ["x^2", "8", "7.0", "x^{2}"]],
+        workers=1,
     )
-    assert m["maj_at_k"] == {3: False}
+    assert got == [[0, None, 1, 2, 2, 1, 0], [1, 2, 0, 1]]
+
+
+def test_evaluate_votes_equivalent_wrong_answers_together(tmp_path, tiny_model_dir, monkeypatch):
+    """eval/evaluate.py asks the task for answer classes: three forms of 1/3 out-vote two correct 2s."""
+    pytest.importorskip("math_verify", reason="math-verify is not installed")
+    import factory.sample as sample_module
+    from eval.evaluate import evaluate_model
+    from factory.config import compose
+    from factory.tasks import build_task
+
+    cfg = compose(["task=gsm8k", "eval.num_samples=5", "eval.ks=[1,5]", "task.verifier_workers=1"])
+    task = build_task(cfg.task)
+    problems = [{"problem_id": "p0", "question": "What is 1 + 1?", "answer": "2"}]
+    texts = ["\\boxed{2}", "\\boxed{\\frac{1}{3}}", "The answer is 1/3.", "#### 2", "\\boxed{\\dfrac13}"]
+
+    def fake(model, tokenizer, prompts, *, num_samples, **kwargs):
+        return [
+            [
+                {"completion": texts[j], "num_tokens": 1, "finish_reason": "stop", "seed": 0}
+                for j in range(num_samples)
+            ]
+            for _ in prompts
+        ]
+
+    monkeypatch.setattr(sample_module, "generate", fake)
+    try:
+        metrics = evaluate_model(
+            model_path=tiny_model_dir,
+            task=task,
+            problems=problems,
+            settings=cfg.eval,
+            out_dir=tmp_path / "eval",
+        )
+    finally:
+        task.close()
+    assert metrics["pass_at_k"][1] == pytest.approx(0.4)
+    assert metrics["maj_at_k"][5] == 0.0  # was 1.0: the correct samples voted as one, the wrong ones by text
+    import polars as pl
+
+    row = pl.read_parquet(tmp_path / "eval" / "per_problem.parquet").row(0, named=True)
+    assert row["sample_classes"] == [0, 1, 1, 0, 1]

@@ -31,9 +31,17 @@ class ArithTask:
 
     def __init__(self, cfg: DictConfig, *, data_dir: str | None = None):
         self.cfg = cfg  # data_dir is unused: the problems are generated
+        if cfg.prompt_style not in arith.PROMPT_STYLES:
+            raise ValueError(
+                f"task.prompt_style must be one of {arith.PROMPT_STYLES}, got {cfg.prompt_style!r}"
+            )
 
     def load_problems(self, *, split: str, limit: int | None = None) -> list[dict]:
-        """Problems of one split (``human`` carries step-by-step solutions); deterministic per seed."""
+        """Problems of one split (``human`` carries step-by-step solutions); deterministic per seed.
+
+        With ``prompt_style=chat`` every ``solution`` is in the free-text form of
+        :func:`factory.tasks.arith.chat_solution` (``"3 + 4 = 7. The answer is 7."``).
+        """
         problems = _arith_split(
             split=split,
             num_problems=int(self.cfg[f"num_{split}"]),
@@ -43,10 +51,21 @@ class ArithTask:
             max_operand=int(self.cfg.max_operand),
             max_value=int(self.cfg.max_value),
         )
-        return problems[:limit] if limit is not None else problems
+        problems = problems[:limit] if limit is not None else problems
+        if self.cfg.prompt_style == "chat":
+            # Copies: the cached split is shared by every task object of the same knobs.
+            problems = [{**p, "solution": arith.chat_solution(p["solution"])} for p in problems]
+        return problems
 
     def format_prompt(self, problem: dict, *, tokenizer=None) -> str:
-        """The fixed ``Q: ... A: `` prompt (``tokenizer`` is accepted for the common interface, unused)."""
+        """``plain``: the fixed ``Q: ... A: `` prompt (``tokenizer`` unused); ``chat``: the tokenizer's
+        chat template with the question and :data:`factory.tasks.arith.CHAT_INSTRUCTION`.
+
+        Raises:
+            ValueError: For ``chat`` without a tokenizer that has a chat template.
+        """
+        if self.cfg.prompt_style == "chat":
+            return arith.format_chat_prompt(problem, tokenizer)
         return arith.format_prompt(problem)
 
     def verify(
@@ -57,9 +76,17 @@ class ArithTask:
             completions, [p["answer"] for p in problems], strictness=strictness or self.cfg.strictness
         )
 
+    def answer_classes(self, problems: list[dict], answers: list[list[str | None]]) -> list[list[int | None]]:
+        """Per problem, the class of each sampled answer (for maj@k): 0 when it is the gold integer, else
+        one id per distinct integer; None stays None."""
+        return arith_verifier.answer_classes([p["answer"] for p in problems], answers)
+
     def human_data_fingerprint(self) -> dict:
         """The config items that determine the human split (key of the cached tiny base model)."""
-        return config_fingerprint(self.cfg, _ARITH_HUMAN_DATA_KEYS)
+        # prompt_style joins the key only when it changes the solutions, so that the cached tiny base
+        # models of the plain style (all of them so far) keep their keys.
+        keys = _ARITH_HUMAN_DATA_KEYS + (("prompt_style",) if self.cfg.prompt_style != "plain" else ())
+        return config_fingerprint(self.cfg, keys)
 
     def close(self) -> None:
         """Nothing to release: the arith verifier runs in-process."""

@@ -13,9 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 
 GENERATOR_VERSION = 2  # bump when the same knobs would give different problems (it keys cached base models)
 SPLITS = ("human", "train", "validation", "test")
+PROMPT_STYLES = ("plain", "chat")
+# The chat prompt's instruction (after the question, in one user message); the verifier reads the
+# sentence it asks for. The best of three wordings tried on SmolLM2-135M-Instruct (docs/arith_chat.md).
+CHAT_INSTRUCTION = 'Think step by step. Finish with "The answer is N."'
 
 # Hash buckets (out of 100) owned by each split; together they cover [0, 100) exactly once. Validation and
 # test own equal shares so that short computations repeat equally often in both: validation is then a
@@ -234,3 +239,57 @@ def format_prompt(problem: dict) -> str:
         ``"Q: <question>\\nA: "``.
     """
     return f"Q: {problem['question']}\nA: "
+
+
+def format_chat_prompt(problem: dict, tokenizer, *, instruction: str = CHAT_INSTRUCTION) -> str:
+    """Build the chat prompt: the tokenizer's chat template with one user message, ready to generate.
+
+    Args:
+        problem: A problem dict from ``generate_split`` (only ``question`` is read).
+        tokenizer: A tokenizer with a chat template (an instruct model's).
+        instruction: Appended to the question after a blank line.
+
+    Returns:
+        The templated text, ending with the assistant turn's header.
+
+    Raises:
+        ValueError: When there is no tokenizer or it has no chat template.
+    """
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        got = "no tokenizer" if tokenizer is None else f"a {type(tokenizer).__name__} without one"
+        raise ValueError(
+            f"task.prompt_style=chat needs a tokenizer with a chat template (got {got}); "
+            "use task.prompt_style=plain for the tiny local model"
+        )
+    message = {"role": "user", "content": f"{problem['question']}\n\n{instruction}"}
+    return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
+
+
+def chat_solution(solution: str) -> str:
+    """Rewrite a plain solution in the chat style's free-text form.
+
+    ``"3+4=7. 7-2=5. Answer: 5"`` becomes ``"3 + 4 = 7. 7 - 2 = 5. The answer is 5."``: the same
+    equations, spaced as instruct models write them, and the sentence the chat instruction asks for.
+
+    Args:
+        solution: A ``solution`` from ``generate_split``.
+
+    Returns:
+        The chat-style solution.
+
+    Raises:
+        ValueError: When ``solution`` is not in the generator's form.
+    """
+    body, sep, answer = solution.rpartition(" Answer: ")
+    if not sep:
+        raise ValueError(f"not a generated arith solution (no ' Answer: '): {solution[:80]!r}")
+    steps = []
+    for step in body.split(" "):
+        match = _STEP_RE.fullmatch(step)
+        if match is None:
+            raise ValueError(f"not a generated arith step: {step!r}")
+        steps.append("{} {} {} = {}.".format(*match.groups()))
+    return " ".join([*steps, f"The answer is {answer}."])
+
+
+_STEP_RE = re.compile(r"(\d+)([+\-*])(\d+)=(\d+)\.")

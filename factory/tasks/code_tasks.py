@@ -248,6 +248,10 @@ class _CodeTask:
             )
         return verify_batch(problems, completions, timeout=timeout, sandbox=self._sandbox)
 
+    def answer_classes(self, problems: list[dict], answers: list[list]) -> None:
+        """None: a program has no final answer to vote on, so maj@k is undefined for code."""
+        return None
+
     def human_data_fingerprint(self) -> dict:
         """The config items that determine the human split and its prompts (key of the cached base model)."""
         return config_fingerprint(self.cfg, _FINGERPRINT_KEYS)

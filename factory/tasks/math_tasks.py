@@ -20,7 +20,7 @@ from factory.tasks.loading import (
     select_split,
     to_problems,
 )
-from factory.verifiers.math import make_pool, verify_batch
+from factory.verifiers.math import answer_classes, make_pool, verify_batch
 
 PROMPT_STYLES = ("plain", "fewshot", "chat")
 SOURCES = ("local", "hub")
@@ -146,11 +146,29 @@ class _BenchmarkTask:
         The verifier's worker pool starts on the first call and is reused until :meth:`close`.
         """
         answer_strictness(self, strictness)
-        timeout = float(self.cfg.verifier_timeout)
-        if self._verifier is None:
-            self._verifier = make_pool(timeout=timeout, workers=int(self.cfg.verifier_workers))
         golds = [p["answer"] for p in problems]
-        return verify_batch(completions, golds, timeout=timeout, pool=self._verifier)
+        return verify_batch(
+            completions, golds, timeout=float(self.cfg.verifier_timeout), pool=self._verifier_pool()
+        )
+
+    def answer_classes(self, problems: list[dict], answers: list[list[str | None]]) -> list[list[int | None]]:
+        """Per problem, the math-verify equivalence class of each sampled answer (for maj@k).
+
+        Class 0 is the gold's class (exactly the answers :meth:`verify` judges correct); equivalent wrong
+        answers share an id; None stays None. Runs in the verifier's worker pool.
+        """
+        golds = [p["answer"] for p in problems]
+        return answer_classes(
+            golds, answers, timeout=float(self.cfg.verifier_timeout), pool=self._verifier_pool()
+        )
+
+    def _verifier_pool(self):
+        """The verifier's worker pool, started on first use and reused until :meth:`close`."""
+        if self._verifier is None:
+            self._verifier = make_pool(
+                timeout=float(self.cfg.verifier_timeout), workers=int(self.cfg.verifier_workers)
+            )
+        return self._verifier
 
     def human_data_fingerprint(self) -> dict:
         """The config items that determine the human split and its prompts (key of the cached base model)."""

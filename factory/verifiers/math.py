@@ -14,6 +14,7 @@ import logging
 import re
 from functools import lru_cache
 
+from factory.verifiers.phrases import SENTENCE_END, UNITS
 from factory.verifiers.pool import DeadlinePool
 
 # Extraction only looks at the end of a completion: final answers live there, and this bounds the
@@ -26,16 +27,20 @@ WORKER_MEMORY_MB = 4096
 
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\b")
 _HASH_RE = re.compile(r"####[ \t]*([^\n]*)")
-# "The answer is 72." / "final answer is: $\frac12$" / "Final answer: 3". The value must be inline
-# math or a number-like token and must end the sentence, so prose such as "the answer is at most
-# 10 when ..." is not mistaken for a second (hedged) answer.
+_NUMBER = r"[-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?"
+# "The answer is 72." / "final answer is: $\frac12$" / "**Answer:** 18" / "**The answer is 18.**" /
+# "The answer is $18 dollars." The value must be inline math or a number-like token, optionally with a
+# unit (factory/verifiers/phrases.py), and must end the sentence, so prose such as "the answer is at
+# most 10 when ..." is not mistaken for a second (hedged) answer. No two unbounded blank runs touch
+# (each "\s*" is followed by a fixed character), so a run of blanks costs linear, not quadratic, time.
 _PHRASE_RE = re.compile(
-    r"answer(?:\s+is\s*:?|\s*:)\s*(?:\*\*)?"
+    r"answer(?:\s+is(?:\s*:)?|\s*:)(?:\s*\*\*)?\s*"
     r"(?:(\$\$[^$]{1,600}\$\$|\$[^$\n]{1,600}\$|\\\((?:(?!\\\)).){1,600}\\\))"
-    r"|\\?\$?([-+]?\d[\d,]*(?:\.\d+)?(?:/\d+)?%?))"
-    r"(?:\*\*)?(?=[ \t]*(?:[.!]?[ \t]*(?:\n|$)|[.!][ \t]))",
+    rf"|\\?\$?({_NUMBER})){UNITS}(?:\*\*)?{SENTENCE_END}",
     re.IGNORECASE,
 )
+# A "####" line that holds a number and a unit ("#### $18 dollars."): the number alone is the answer.
+_HASH_UNIT_RE = re.compile(rf"(?:\*\*)?\\?\$?({_NUMBER}){UNITS}(?:\*\*)?[ \t]*[.!]?[ \t]*")
 _PERIOD_RE = re.compile(r"(?<!\.)\.\s*$")
 _MATH_DELIMS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 
@@ -137,7 +142,9 @@ def extract_answers(completion: str) -> list[str]:
     """
     tail = completion[-TAIL_CHARS:]
     found = list(_boxes(tail))
-    found += [(m.start(), m.group(1)) for m in _HASH_RE.finditer(tail)]
+    for match in _HASH_RE.finditer(tail):
+        with_unit = _HASH_UNIT_RE.fullmatch(match.group(1).strip())
+        found.append((match.start(), with_unit.group(1) if with_unit else match.group(1)))
     for match in _PHRASE_RE.finditer(tail):
         value = match.group(1) or match.group(2)
         if "\\boxed" not in value and "\\fbox" not in value:
@@ -236,20 +243,73 @@ def verify_one(completion: str, gold: str, *, math_verify_timeout: int | None = 
     answer, parsed = distinct[0]
     if _num_values(parsed) > 1 and _num_values(gold_parsed) == 1:
         return _verdict(0.0, "wrong", f"hedged: several values {answer[:80]!r} for one gold", answer)
-    if _math_verify().verify(gold_parsed, parsed, timeout_seconds=math_verify_timeout):
+    if _matches_gold(gold_parsed, parsed, math_verify_timeout):
         return _verdict(1.0, "correct", f"{answer[:80]!r} matches gold {gold[:80]!r}", answer)
     return _verdict(0.0, "wrong", f"{answer[:80]!r} != gold {gold[:80]!r}", answer)
 
 
-def _verify_item(item: tuple[str, str]) -> dict:
-    return verify_one(*item)
+def _matches_gold(gold_parsed: list, parsed: list, timeout: int | None) -> bool:
+    """The verdict's test: gold first, and several values never match a single-valued gold."""
+    if _num_values(parsed) > 1 and _num_values(gold_parsed) == 1:
+        return False
+    return _math_verify().verify(gold_parsed, parsed, timeout_seconds=timeout)
 
 
-def _on_timeout(item: tuple[str, str], reason: str) -> dict:
-    return _verdict(0.0, "timeout", f"verification {reason}")
+def classify_answers(gold: str, answers: list[str], *, math_verify_timeout: int | None = None) -> list[int]:
+    """Group distinct answer texts of one problem into equivalence classes, the gold's class first.
+
+    Class 0 holds exactly the answers :func:`verify_one` judges correct for ``gold``; every other answer
+    joins the first earlier class whose representative (its first answer) math-verify finds equal in
+    either direction, as hedging does, else opens a new class. An answer math-verify cannot parse is a
+    class of its own.
+
+    Args:
+        gold: Gold answer text.
+        answers: Distinct answer texts (the verdicts' ``answer`` values).
+        math_verify_timeout: As in :func:`verify_one`.
+
+    Returns:
+        One class id per answer; ids other than 0 count up from 1 in order of first appearance.
+    """
+    usable = isinstance(gold, str) and gold.strip() and len(gold) <= MAX_ANSWER_CHARS
+    gold_parsed = _parse(gold, math_verify_timeout) if usable else []
+    representatives: list[list] = []  # representatives[i] is the first answer of class i + 1
+    classes = []
+    for text in answers:
+        parsed = _parse(text, math_verify_timeout) if len(text) <= MAX_ANSWER_CHARS else []
+        if parsed and gold_parsed and _matches_gold(gold_parsed, parsed, math_verify_timeout):
+            classes.append(0)
+            continue
+        match = None
+        if parsed:
+            match = next(
+                (
+                    i
+                    for i, rep in enumerate(representatives)
+                    if rep and _same(rep, parsed, math_verify_timeout)
+                ),
+                None,
+            )
+        if match is None:
+            representatives.append(parsed)
+            match = len(representatives) - 1
+        classes.append(match + 1)
+    return classes
 
 
-def _on_error(item: tuple[str, str], trace: str) -> dict:
+def _verify_item(item: tuple) -> dict | list[int]:
+    kind, *args = item
+    return verify_one(*args) if kind == "verify" else classify_answers(*args)
+
+
+def _on_timeout(item: tuple, reason: str) -> dict | None:
+    # None for a grouping job: answer_classes then falls back to exact text for that problem.
+    return _verdict(0.0, "timeout", f"verification {reason}") if item[0] == "verify" else None
+
+
+def _on_error(item: tuple, trace: str) -> dict | None:
+    if item[0] != "verify":
+        return None
     # math-verify swallows most errors itself; what reaches here (e.g. MemoryError) is the
     # completion's fault, so it is judged like an unparseable answer rather than crashing a batch.
     last = trace.strip().splitlines()[-1] if trace.strip() else "unknown error"
@@ -257,7 +317,7 @@ def _on_error(item: tuple[str, str], trace: str) -> dict:
 
 
 def make_pool(*, timeout: float = 5.0, workers: int = 2) -> DeadlinePool:
-    """Create a reusable pool for :func:`verify_batch` (use it as a context manager)."""
+    """Create a reusable pool for :func:`verify_batch` and :func:`answer_classes` (a context manager)."""
     return DeadlinePool(
         _verify_item,
         workers=workers,
@@ -297,9 +357,54 @@ def verify_batch(
         raise ValueError(f"got {len(completions)} completions but {len(golds)} golds")
     # Only the tail is ever read, so cut before pickling: a 1 MB completion costs nothing to send.
     items = [
-        (c[-TAIL_CHARS:] if isinstance(c, str) else c, g) for c, g in zip(completions, golds, strict=True)
+        ("verify", c[-TAIL_CHARS:] if isinstance(c, str) else c, g)
+        for c, g in zip(completions, golds, strict=True)
     ]
     if pool is not None:
         return pool.map(items, timeout=timeout)
     with make_pool(timeout=timeout, workers=workers) as own_pool:
         return own_pool.map(items)
+
+
+def answer_classes(
+    golds: list[str],
+    answers: list[list[str | None]],
+    *,
+    timeout: float = 5.0,
+    workers: int = 2,
+    pool: DeadlinePool | None = None,
+) -> list[list[int | None]]:
+    """Equivalence classes of each problem's sampled answers (for maj@k), in worker processes.
+
+    Args:
+        golds: Gold answer texts, one per problem.
+        answers: Per problem, the extracted answer of each sample (a verdict's ``answer``; None: none).
+        timeout: Seconds per distinct answer of a problem; a problem whose grouping overruns (or fails)
+            falls back to exact text: the gold's own text is class 0, every other text its own class.
+        workers: Worker processes (ignored when ``pool`` is given).
+        pool: A pool from :func:`make_pool` to reuse.
+
+    Returns:
+        Per problem, one class id per sample (see :func:`classify_answers`; None where the answer is None).
+
+    Raises:
+        ValueError: If the lengths differ.
+    """
+    if len(golds) != len(answers):
+        raise ValueError(f"got {len(golds)} golds but answers for {len(answers)} problems")
+    distinct = [list(dict.fromkeys(a for a in per if a is not None)) for per in answers]
+    items = [("classes", gold, texts) for gold, texts in zip(golds, distinct, strict=True)]
+    # One job groups a whole problem: allow the per-answer deadline for each of its distinct answers.
+    limit = timeout * max([1, *(len(texts) + 1 for texts in distinct)])
+    if pool is not None:
+        grouped = pool.map(items, timeout=limit)
+    else:
+        with make_pool(timeout=limit, workers=workers) as own_pool:
+            grouped = own_pool.map(items)
+    result = []
+    for gold, texts, classes, per in zip(golds, distinct, grouped, answers, strict=True):
+        if classes is None:
+            classes = [0 if t.strip() == str(gold).strip() else i + 1 for i, t in enumerate(texts)]
+        of_text = dict(zip(texts, classes, strict=True))
+        result.append([None if a is None else of_text[a] for a in per])
+    return result
