@@ -129,7 +129,9 @@ def _iteration(cfg: DictConfig, stages: StageInputs, k: int) -> None:
             identity=stages.snapshot(k),
         )
     manifest = read_json(run_dir.stage(k, "dataset") / "manifest.json")
-    if manifest["num_kept"] == 0:
+    if manifest["num_kept"] == 0 and cfg.loop.include_human_data:
+        log.warning("iteration %d: the snapshot kept 0 samples; training on the human data alone", k)
+    elif manifest["num_kept"] == 0:
         raise EmptySnapshotError(
             f"iteration {k}: the snapshot kept 0 of {manifest['num_samples']} samples "
             f"(statuses: {manifest['status_counts']}); not training on an empty dataset. "
