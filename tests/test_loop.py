@@ -80,3 +80,21 @@ def test_empty_snapshot_stops_without_training(make_cfg, capsys):
     assert run_dir.is_done(2, "dataset") and not run_dir.stage(2, "model").exists()
     manifest = json.loads((run_dir.stage(2, "dataset") / "manifest.json").read_text())
     assert manifest["policy"] == str(ensure_base_model(cfg))
+
+
+@pytest.mark.slow
+def test_empty_snapshot_with_human_data_still_trains(make_cfg):
+    # As restem-train does: with loop.include_human_data the M-step has the human pairs to train on.
+    cfg = make_cfg(
+        "loop.iterations=1",
+        "model.pretrain.max_steps=5",
+        "sampler.max_new_tokens=8",
+        "eval.max_new_tokens=8",
+        "loop.sft_baseline=false",
+        "loop.include_human_data=true",
+    )
+    rows = loop.run(cfg)
+    run_dir = RunDir(cfg.paths.run_dir)
+    assert json.loads((run_dir.stage(1, "dataset") / "manifest.json").read_text())["num_kept"] == 0
+    assert [r["iteration"] for r in rows] == [0, 1] and run_dir.is_done(1, "model")
+    assert run_dir.stage_info(1, "model")["num_pairs"] == cfg.task.num_human
