@@ -35,10 +35,13 @@ def evaluate_model(
     Greedy accuracy uses one greedy completion per problem; pass@k and maj@k use ``settings.num_samples``
     samples per problem at ``settings.temperature`` / ``settings.top_p``. Correctness is the final answer
     (``answer`` strictness), the paper's metric. Generation uses the backend of ``sampler_settings``
-    (``cfg.sampler``; default: the HF backend) and its ``stop`` strings.
+    (``cfg.sampler``; default: the HF backend, on the best device there is), the task's stop strings and
+    the sampler's ``stop`` strings.
     """
-    from factory.models import load_model, load_tokenizer
+    from factory.models import load_tokenizer
     from factory.sample import generate, open_vllm, problem_seed
+    from factory.sampling.completions import merge_stops, task_stop_strings
+    from factory.sampling.hf import load_policy
     from factory.verify import judge
 
     if not problems:
@@ -48,7 +51,7 @@ def evaluate_model(
     prompts = [task.format_prompt(p, tokenizer=tokenizer) for p in problems]
     n = int(settings.num_samples)
     batch, max_new = int(settings.batch_size), int(settings.max_new_tokens)
-    stop = list((sampler_settings or {}).get("stop") or ())
+    stop = merge_stops(task_stop_strings(task), (sampler_settings or {}).get("stop"))
     greedy_kw = {"num_samples": 1, "temperature": 0.0, "max_new_tokens": max_new, "stop": stop}
     sampled_kw = {
         "num_samples": n,
@@ -64,7 +67,7 @@ def evaluate_model(
             kill_point("eval.generate")
             sampled = vllm.generate(prompts, **sampled_kw)
     else:
-        model = load_model(model_path, dtype=dtype)
+        model = load_policy(model_path, dtype=dtype)
         # Greedy calls carry one sequence per prompt: as many sequences per call as sampled ones.
         greedy = generate(
             model, tokenizer, prompts, batch_size=batch * n, desc=f"{label} greedy", **greedy_kw

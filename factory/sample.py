@@ -7,7 +7,6 @@ Shards are the unit of resume: a rerun after a crash keeps finished shards and g
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -20,7 +19,11 @@ from tqdm.auto import tqdm
 from factory.config import hydra_entry
 from factory.faults import kill_point
 from factory.rundir import STAGE_FILE, mark_done
-from factory.sampling.hf import generate
+from factory.sampling.completions import merge_stops, task_stop_strings
+from factory.sampling.hf import generate, load_policy
+from factory.sampling.seeds import derive_seed, problem_seed
+
+__all__ = ["derive_seed", "e_step", "generate", "open_vllm", "problem_seed", "sample_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +37,6 @@ SAMPLE_SCHEMA = {
     "policy": pl.String,
     "seed": pl.Int64,
 }
-
-
-def derive_seed(*parts: object) -> int:
-    """A stable 31-bit seed from any parts (Python's hash() is salted per process)."""
-    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
-
-
-def problem_seed(seed: int, problem_id: str, draw: int = 0) -> int:
-    """The seed of sample 0 of a problem; sample j uses ``problem_seed + j`` (on both backends).
-
-    It depends on the sampler seed and the problem id only (and ``draw``, see ``sample_problems``), so
-    sample j of a problem is the same for any K, shard, batch or prompt order, and a K'-sample run is the
-    first K' samples of a K-sample run of the same policy.
-    """
-    return derive_seed(seed, problem_id) if draw == 0 else derive_seed(seed, problem_id, draw)
 
 
 def sample_problems(
@@ -78,6 +66,8 @@ def sample_problems(
     work = out_dir.with_name(f".{out_dir.name}.partial")
     work.mkdir(parents=True, exist_ok=True)
     size = int(settings.shard_size)
+    # The task's stops for its prompt layout (the next few-shot "Question:"), then the sampler's own.
+    stop = merge_stops(task_stop_strings(task), settings.get("stop"))
     shards = [problems[i : i + size] for i in range(0, len(problems), size)]
     generated = 0
     with contextlib.ExitStack() as stack:
@@ -94,7 +84,7 @@ def sample_problems(
                 "top_p": float(settings.top_p),
                 "max_new_tokens": int(settings.max_new_tokens),
                 "seeds": seeds,
-                "stop": list(settings.get("stop") or ()),
+                "stop": stop,
             }
             if settings.backend == "vllm":
                 if sampler is None:
@@ -135,15 +125,21 @@ def sample_problems(
     return {"num_samples": num_rows, "generated": generated, "seconds": time.time() - start}
 
 
-def open_vllm(model_path, *, tokenizer, settings: DictConfig):
-    """A ``VllmSampler`` for ``model_path`` with the engine keys of ``settings`` (conf/sampler/vllm.yaml)."""
+def vllm_engine_options(settings: DictConfig) -> tuple[dict, str]:
+    """(engine keys, weights' dtype) of a vLLM sampler config (conf/sampler/vllm.yaml)."""
     from factory.config import SamplerConfig, VllmSamplerConfig
-    from factory.sampling.vllm_backend import VllmSampler
 
     engine_keys = set(VllmSamplerConfig.__dataclass_fields__) - set(SamplerConfig.__dataclass_fields__)
     values = OmegaConf.to_container(settings, resolve=True)
     options = {k: values[k] for k in engine_keys if k in values}
-    dtype = options.pop("dtype", "auto")
+    return options, options.pop("dtype", "auto")
+
+
+def open_vllm(model_path, *, tokenizer, settings: DictConfig):
+    """A ``VllmSampler`` for ``model_path`` with the engine keys of ``settings`` (conf/sampler/vllm.yaml)."""
+    from factory.sampling.vllm_backend import VllmSampler
+
+    options, dtype = vllm_engine_options(settings)
     return VllmSampler(model_path, tokenizer=tokenizer, options=options, dtype=dtype, seed=int(settings.seed))
 
 
@@ -169,7 +165,7 @@ def policy_path(run_dir, base_path, iteration: int):
 
 def e_step(cfg: DictConfig, *, run_dir, task, problems: list[dict], policy, iteration: int) -> dict:
     """Iteration ``iteration``'s E-step: served from the sample cache when it can be, else sampled."""
-    from factory.models import load_model, load_tokenizer
+    from factory.models import load_tokenizer
     from factory.sample_cache import sample_or_reuse
 
     out = run_dir.stage(iteration, "samples")
@@ -177,7 +173,7 @@ def e_step(cfg: DictConfig, *, run_dir, task, problems: list[dict], policy, iter
     def generate() -> dict:
         return sample_problems(
             # vLLM loads the policy in its own process; the HF backend samples with it here.
-            model=None if cfg.sampler.backend == "vllm" else load_model(policy, dtype=cfg.model.dtype),
+            model=None if cfg.sampler.backend == "vllm" else load_policy(policy, dtype=cfg.model.dtype),
             tokenizer=load_tokenizer(policy),
             task=task,
             problems=problems,
