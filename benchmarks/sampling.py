@@ -9,16 +9,19 @@ Run (``make bench``):
 The CPU mode samples the demo's training problems with its cached base model (T=0.8, top-k 40, 64 new
 tokens). ``--model`` samples GSM8K training problems as chat prompts with a real checkpoint (default 32
 problems x 4 samples, up to 256 new tokens, T=0.8, top-k 40, the model's end-of-turn ids) and adds the
-``vllm-plain`` reference; ``--generate-batch-sizes`` gives transformers ``generate`` several batch sizes
-(its best one is the reference). ``--gpu`` samples 256 random 128-token prompts, 256 new tokens each, with
+``vllm-plain`` reference; ``--batch-size`` and ``--generate-batch-sizes`` take comma lists of prompts per
+call for our loop and for transformers ``generate`` (each at its fastest size is what the ratio compares). ``--gpu`` samples 256 random 128-token prompts, 256 new tokens each, with
 a randomly initialised model of Qwen2.5-0.5B's shape (no download). vLLM engines start in processes of
-their own; their start-up is timed apart and excluded from tok/s. Record results in docs/benchmarks.md.
+their own before the first round; their start-up is timed apart and excluded from tok/s. ``--rounds N``
+runs every backend N times, alternating their order, so that a shared machine's drifting load hits all
+of them alike. Record results in docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import multiprocessing
 import platform
 import tempfile
@@ -182,41 +185,67 @@ def _vllm_settings(dtype: str):
     return OmegaConf.structured(VllmSamplerConfig(dtype=dtype))
 
 
-def time_vllm(w: Workload, *, samples):
-    """Our backend (``VllmSampler``: requests built, sent to its process, completions decoded here)."""
-    from factory.sample import open_vllm
+class OurVllm:
+    """Our backend (``VllmSampler``: requests built here, sent to its process, completions decoded here)."""
 
-    start = time.perf_counter()
-    with open_vllm(w.path, tokenizer=w.tok, settings=_vllm_settings(w.dtype)) as vllm:
-        startup = time.perf_counter() - start
+    name = "vllm (VllmSampler)"
+
+    def __init__(self, w: Workload, *, samples: int):
+        from factory.sample import open_vllm
+
+        self.w, self.samples = w, samples
         start = time.perf_counter()
-        out = vllm.generate(w.prompts, num_samples=samples, seeds=w.seeds, stop=w.stop,
-                            stop_token_ids=w.stop_ids, **w.sampling)  # fmt: skip
-        seconds = time.perf_counter() - start
-    return sum(s["num_tokens"] for per in out for s in per), seconds, startup
+        self.sampler = open_vllm(w.path, tokenizer=w.tok, settings=_vllm_settings(w.dtype))
+        self.startup = time.perf_counter() - start
+
+    def run(self) -> tuple[int, float]:
+        w = self.w
+        start = time.perf_counter()
+        out = self.sampler.generate(w.prompts, num_samples=self.samples, seeds=w.seeds, stop=w.stop,
+                                    stop_token_ids=w.stop_ids, **w.sampling)  # fmt: skip
+        return sum(s["num_tokens"] for per in out for s in per), time.perf_counter() - start
+
+    def close(self) -> None:
+        self.sampler.close()
 
 
-def time_plain_vllm(w: Workload, *, samples):
+class PlainVllm:
     """Plain ``vllm.LLM.generate`` on the same requests (same engine arguments, token ids, per-prompt
-    ``SamplingParams(n=K, seed=s)``, end ids and stops), in a process of its own like our backend's."""
-    from factory.sample import vllm_engine_options
-    from factory.tokens import encode_prompts
+    ``SamplingParams(n=K, seed=s)``, end ids and stops), in a process of its own like our backend's; only
+    the ``generate`` call is timed, inside that process."""
 
-    options, dtype = vllm_engine_options(_vllm_settings(w.dtype))
-    job = {
-        "model": str(w.path), "dtype": dtype, "options": options, "prompt_token_ids": encode_prompts(w.tok, w.prompts),
-        "seeds": w.seeds, "n": samples, "stop": w.stop, "stop_ids": w.stop_ids, **w.sampling,
-    }  # fmt: skip
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_plain_vllm_child, args=(child, job), name="vllm-plain")
-    proc.start()
-    child.close()
-    result = parent.recv()
-    proc.join()
-    if isinstance(result, str):
-        raise RuntimeError(f"plain vLLM failed:\n{result}")
-    return result
+    name = "plain vllm.LLM.generate"
+
+    def __init__(self, w: Workload, *, samples: int):
+        from factory.sample import vllm_engine_options
+        from factory.tokens import encode_prompts
+
+        options, dtype = vllm_engine_options(_vllm_settings(w.dtype))
+        job = {
+            "model": str(w.path), "dtype": dtype, "options": options, "seeds": w.seeds, "n": samples,
+            "prompt_token_ids": encode_prompts(w.tok, w.prompts), "stop": w.stop, "stop_ids": w.stop_ids,
+            **w.sampling,
+        }  # fmt: skip
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_plain_vllm_child, args=(child, job), name="vllm-plain")
+        self.proc.start()
+        child.close()
+        self.startup = self._receive()
+
+    def run(self) -> tuple[int, float]:
+        self.conn.send("generate")
+        return self._receive()
+
+    def _receive(self):
+        result = self.conn.recv()
+        if isinstance(result, str):
+            raise RuntimeError(f"plain vLLM failed:\n{result}")
+        return result
+
+    def close(self) -> None:
+        self.conn.send("close")
+        self.proc.join(timeout=60)
 
 
 def _plain_vllm_child(conn, job: dict) -> None:
@@ -229,7 +258,7 @@ def _plain_vllm_child(conn, job: dict) -> None:
 
         start = time.perf_counter()
         llm = build_engine(job["model"], dtype=job["dtype"], seed=0, options=job["options"])
-        startup = time.perf_counter() - start
+        conn.send(time.perf_counter() - start)
         params = [
             SamplingParams(
                 n=job["n"],
@@ -244,11 +273,12 @@ def _plain_vllm_child(conn, job: dict) -> None:
             for seed in job["seeds"]
         ]
         prompts = [{"prompt_token_ids": ids} for ids in job["prompt_token_ids"]]
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - start
-        rows = [list(o.token_ids) for out in outputs for o in out.outputs]
-        conn.send((_count(rows, job["stop_ids"]), seconds, startup))
+        while conn.recv() == "generate":
+            start = time.perf_counter()
+            outputs = llm.generate(prompts, params, use_tqdm=False)
+            seconds = time.perf_counter() - start
+            rows = [list(o.token_ids) for out in outputs for o in out.outputs]
+            conn.send((_count(rows, job["stop_ids"]), seconds))
     except BaseException:  # noqa: BLE001 - the parent reports it
         conn.send(traceback.format_exc())
 
@@ -264,7 +294,9 @@ def main() -> None:
     parser.add_argument(
         "--samples", type=int, default=None, help="samples per prompt (CPU 8, --model 4, GPU 1)"
     )
-    parser.add_argument("--batch-size", type=int, default=None, help="HF prompts per call (CPU 16, GPU 256)")
+    parser.add_argument(
+        "--batch-size", default=None, help="our HF prompts per call, comma list (CPU 16, GPU 256)"
+    )
     parser.add_argument(
         "--generate-batch-sizes", default=None, help="transformers generate's prompts per call, comma list "
         "(default: --batch-size); the fastest is the reference",
@@ -277,10 +309,14 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="Qwen2.5-0.5B-shaped random model on CUDA")
     parser.add_argument("--prompt-tokens", type=int, default=128, help="--gpu: prompt length")
     parser.add_argument("--new-tokens", type=int, default=None, help="--gpu/--model: new tokens (256)")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="rounds of every backend, alternating their order (a shared "
+        "machine's load drifts); batch-size sweeps run in round 1, later rounds use the fastest size",
+    )  # fmt: skip
     args = parser.parse_args()
     samples = args.samples or (1 if args.gpu else 4 if args.model else 8)
-    batch = args.batch_size or (256 if args.gpu else 16)
-    gen_batches = [int(b) for b in (args.generate_batch_sizes or str(batch)).split(",")]
+    batches = [int(b) for b in (args.batch_size or ("256" if args.gpu else "16")).split(",")]
+    gen_batches = [int(b) for b in (args.generate_batch_sizes or str(batches[0])).split(",")]
     backends = args.backends or ("hf,generate,vllm,vllm-plain" if args.model else "hf,vllm,generate")
     if args.gpu and not torch.cuda.is_available():
         raise SystemExit("error: --gpu needs a CUDA device")
@@ -288,40 +324,70 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.gpu else _cpu_name()
     print(f"device: {device}; torch {torch.__version__}, {torch.get_num_threads()} threads; model {w.path}")
     print(f"{len(w.prompts)} prompts x {samples} samples, {w.sampling}, stop {w.stop}, end ids {w.stop_ids}")
-    rows = []
+    static = args.gpu  # the GPU reference: plain generate with a static cache
+    runners, engines = {}, []
     for backend in backends.split(","):
         if backend == "hf":
-            tokens, seconds = time_hf(w, samples=samples, batch_size=batch)
-            rows.append((f"hf (factory.sampling.hf), {batch} prompts per call", tokens, seconds, None))
+            for size in batches:
+                runners[f"hf (factory.sampling.hf), {size} prompts per call"] = functools.partial(
+                    time_hf, w, samples=samples, batch_size=size
+                )
         elif backend == "generate":
-            static = args.gpu  # the GPU reference: plain generate with a static cache
             for size in gen_batches:
-                tokens, seconds = time_plain_generate(w, samples=samples, batch_size=size, static=static)
                 name = f"transformers generate{' (static cache)' if static else ''}, {size} prompts per call"
-                rows.append((name, tokens, seconds, None))
-        elif backend == "vllm":
-            tokens, seconds, startup = time_vllm(w, samples=samples)
-            rows.append(("vllm (VllmSampler)", tokens, seconds, startup))
-        elif backend == "vllm-plain":
-            tokens, seconds, startup = time_plain_vllm(w, samples=samples)
-            rows.append(("plain vllm.LLM.generate", tokens, seconds, startup))
+                runners[name] = functools.partial(
+                    time_plain_generate, w, samples=samples, batch_size=size, static=static
+                )
+        elif backend in ("vllm", "vllm-plain"):
+            engine = (OurVllm if backend == "vllm" else PlainVllm)(w, samples=samples)  # start-up untimed
+            engines.append(engine)
+            runners[engine.name] = engine.run
         else:
             raise SystemExit(f"error: unknown backend {backend!r}; use hf, vllm, generate, vllm-plain")
-    _report(rows)
+    startups = {e.name: e.startup for e in engines}
+    # One untimed short call per HF path first: the first forward allocates and picks kernels (vLLM warms
+    # up while it starts).
+    warm = dataclasses.replace(
+        w, prompts=w.prompts[:1], seeds=w.seeds[:1], sampling={**w.sampling, "max_new_tokens": 2}
+    )
+    time_hf(warm, samples=samples, batch_size=1)
+    time_plain_generate(warm, samples=samples, batch_size=1, static=static)
+    rounds = []
+    try:
+        for r in range(args.rounds):
+            names = list(runners) if r % 2 == 0 else list(runners)[::-1]  # alternate: load drift cancels
+            if r > 0:  # later rounds: each HF path at its fastest batch size of round 1
+                for prefix in ("hf", "transformers generate"):
+                    sweep = [n for n in names if n.startswith(prefix)]
+                    best = max(sweep, key=lambda n: rounds[0][n][0] / rounds[0][n][1], default=None)
+                    names = [n for n in names if n not in sweep or n == best]
+            results = {}
+            for name in names:
+                results[name] = runners[name]()
+                tokens, seconds = results[name]
+                print(f"  round {r + 1}: {name}: {tokens:,} tokens in {seconds:.1f} s "
+                      f"({time.strftime('%H:%M:%S')})", flush=True)  # fmt: skip
+            rounds.append(results)
+    finally:
+        for engine in engines:
+            engine.close()
+    for r, results in enumerate(rounds):
+        print(f"\nround {r + 1} of {len(rounds)}")
+        _report({n: results[n] for n in runners if n in results}, startups)
 
 
-def _report(rows) -> None:
-    rate = {name: tokens / seconds for name, tokens, seconds, _ in rows}
-    hf = next((r for n, r in rate.items() if n.startswith("hf")), None)
-    print("\n| backend | new tokens | seconds | tok/s | vs hf | start-up (s) |\n|---|---|---|---|---|---|")
-    for name, tokens, seconds, startup in rows:
+def _report(results: dict, startups: dict) -> None:
+    rate = {name: tokens / seconds for name, (tokens, seconds) in results.items()}
+    hf = max((r for n, r in rate.items() if n.startswith("hf")), default=None)  # the fastest batch size
+    print("| backend | new tokens | seconds | tok/s | vs hf | start-up (s) |\n|---|---|---|---|---|---|")
+    for name, (tokens, seconds) in results.items():
         ratio = f"{rate[name] / hf:.2f}x" if hf else "-"
-        start = f"{startup:.1f}" if startup is not None else "-"
+        start = f"{startups[name]:.1f}" if name in startups else "-"
         print(f"| {name} | {tokens:,} | {seconds:.1f} | {rate[name]:,.1f} | {ratio} | {start} |")
     best_generate = max((r for n, r in rate.items() if n.startswith("transformers generate")), default=None)
-    ours, plain = rate.get("vllm (VllmSampler)"), rate.get("plain vllm.LLM.generate")
+    ours, plain = rate.get(OurVllm.name), rate.get(PlainVllm.name)
     if hf and best_generate:
-        print(f"\nhf / best transformers generate: {hf / best_generate:.2f}x")
+        print(f"hf / best transformers generate: {hf / best_generate:.2f}x")
     if ours and plain:
         print(
             f"VllmSampler / plain vllm.LLM.generate: {ours / plain:.2f}x (engine start-up excluded from both)"
