@@ -36,11 +36,13 @@ def evaluate_model(
     Greedy accuracy uses one greedy completion per problem; pass@k and maj@k use ``settings.num_samples``
     samples per problem at ``settings.temperature`` / ``settings.top_p``. Correctness is the final answer
     (``answer`` strictness), the paper's metric. Generation uses the backend of ``sampler_settings``
-    (``cfg.sampler``; default: the HF backend) and its ``stop`` strings. ``inputs``
-    (``StageInputs.eval``) are recorded in ``stage.json``.
+    (``cfg.sampler``; default: the HF backend, on the best device there is), the task's stop strings and
+    the sampler's ``stop`` strings. ``inputs`` (``StageInputs.eval``) are recorded in ``stage.json``.
     """
-    from factory.models import load_model, load_tokenizer
-    from factory.sample import generate, open_vllm, problem_seed
+    from factory.models import load_tokenizer
+    from factory.sample import generate, open_vllm, problem_seed, worker_pool
+    from factory.sampling.completions import merge_stops, task_stop_strings
+    from factory.sampling.hf import load_policy
     from factory.verify import judge
 
     if not problems:
@@ -50,7 +52,7 @@ def evaluate_model(
     prompts = [task.format_prompt(p, tokenizer=tokenizer) for p in problems]
     n = int(settings.num_samples)
     batch, max_new = int(settings.batch_size), int(settings.max_new_tokens)
-    stop = list((sampler_settings or {}).get("stop") or ())
+    stop = merge_stops(task_stop_strings(task), (sampler_settings or {}).get("stop"))
     greedy_kw = {"num_samples": 1, "temperature": 0.0, "max_new_tokens": max_new, "stop": stop}
     sampled_kw = {
         "num_samples": n,
@@ -65,8 +67,18 @@ def evaluate_model(
             greedy = vllm.generate(prompts, seeds=[0] * len(prompts), **greedy_kw)
             kill_point("eval.generate")
             sampled = vllm.generate(prompts, **sampled_kw)
+    elif sampler_settings is not None and int(sampler_settings.get("workers") or 1) > 1:
+        with worker_pool(sampler_settings) as pool:
+            common = {"tokenizer": tokenizer, "dtype": dtype}
+            greedy = pool.generate(
+                model_path, prompts, batch_size=batch * n, desc=f"{label} greedy", **common, **greedy_kw
+            )
+            kill_point("eval.generate")
+            sampled = pool.generate(
+                model_path, prompts, batch_size=batch, desc=f"{label} pass@k", **common, **sampled_kw
+            )
     else:
-        model = load_model(model_path, dtype=dtype)
+        model = load_policy(model_path, dtype=dtype)
         # Greedy calls carry one sequence per prompt: as many sequences per call as sampled ones.
         greedy = generate(
             model, tokenizer, prompts, batch_size=batch * n, desc=f"{label} greedy", **greedy_kw

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from factory.config import LoraSettings, hydra_entry
+from factory.config import LoraSettings, SelectConfig, hydra_entry
 from factory.rundir import STAGE_FILE
 from factory.tasks import arith
 
@@ -22,7 +22,15 @@ log = logging.getLogger(__name__)
 
 # Trainer settings that do not change the pretrained weights: where it runs (the step stream does not
 # depend on the number of ranks: tests/test_train_scale.py), how often it checkpoints, what it shows.
-_NOT_IN_KEY = ("accelerator", "devices", "strategy", "num_nodes", "checkpoint_every_n_steps", "progress_bar")
+_NOT_IN_KEY = (
+    "accelerator",
+    "devices",
+    "strategy",
+    "num_nodes",
+    "checkpoint_every_n_steps",
+    "progress_bar",
+    "select",  # trainer.select is the M-step's; the base's own is model.pretrain.select (in the key)
+)
 
 
 def pretrain_settings(cfg: DictConfig) -> DictConfig:
@@ -33,7 +41,11 @@ def pretrain_settings(cfg: DictConfig) -> DictConfig:
     model).
     """
     # The schema's defaults, so changing trainer.lora.* or trainer.epochs never rebuilds the cached base model.
-    m_step_only = {"epochs": None, "lora": OmegaConf.structured(LoraSettings)}
+    m_step_only = {
+        "epochs": None,
+        "lora": OmegaConf.structured(LoraSettings),
+        "select": OmegaConf.structured(SelectConfig),  # the base's selection is model.pretrain.select
+    }
     pretrain = OmegaConf.to_container(cfg.model.pretrain, resolve=True)
     pretrain.pop("select", None)  # base selection's settings (model.pretrain.select), not trainer settings
     return OmegaConf.merge(cfg.trainer, m_step_only, pretrain)
@@ -112,13 +124,13 @@ def _pretrain_tiny(cfg: DictConfig, out_dir: Path) -> None:
     if select.every > 0:
         # Trained to its validation plateau and the best scoring weights kept: a fixed step count lands at
         # a different point of the learning curve on each CPU kind, the plateau does not.
-        from train.selection import BestOnValidation
+        from train.selection import BestOnValidation, greedy_accuracy
 
         task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
         problems = _selection_problems(cfg, task)
         callbacks.append(
             BestOnValidation(
-                _greedy_accuracy(task, problems, tokenizer, cfg),
+                greedy_accuracy(task, problems, tokenizer, cfg),
                 every=int(select.every),
                 patience=int(select.patience),
             )
@@ -152,29 +164,6 @@ def _selection_fingerprint(cfg: DictConfig, task) -> dict | None:
         "problems": problems_fingerprint(_selection_problems(cfg, task)),
         "max_new_tokens": int(cfg.eval.max_new_tokens),
     }
-
-
-def _greedy_accuracy(task, problems: list[dict], tokenizer, cfg: DictConfig):
-    """A score function: the share of ``problems`` a model answers right with greedy decoding."""
-    from factory.sampling.hf import generate
-
-    prompts = [task.format_prompt(p, tokenizer=tokenizer) for p in problems]
-
-    def score(model) -> float:
-        outputs = generate(
-            model,
-            tokenizer,
-            prompts,
-            num_samples=1,
-            temperature=0.0,
-            max_new_tokens=int(cfg.eval.max_new_tokens),
-            batch_size=int(cfg.eval.batch_size) * int(cfg.eval.num_samples),
-            progress=False,
-        )
-        verdicts = task.verify(problems, [o[0]["completion"] for o in outputs], strictness="answer")
-        return sum(v["reward"] > 0 for v in verdicts) / len(verdicts)
-
-    return score
 
 
 def run(cfg: DictConfig) -> dict:

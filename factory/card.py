@@ -2,8 +2,8 @@
 
 The YAML block holds the Hub's own fields (``configs``, ``dataset_info``, ``license``, ``tags``, ...) and a
 ``restem`` mapping from config name to that snapshot's lineage (version, base model, parent policy,
-iteration, counts per verdict status, cap, dedupe), so the lineage travels with the data and a later push
-can read it back (``read_lineage``).
+iteration, counts per verdict status, samples cut at the token limit, cap, dedupe), so the lineage
+travels with the data and a later push can read it back (``read_lineage``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ LINEAGE_FIELDS = (
     "num_samples",
     "status_counts",
     "num_correct",
+    "num_truncated",
+    "num_dropped_truncated",
     "num_after_dedupe",
     "num_kept",
     "max_per_problem",
@@ -111,6 +113,7 @@ def _section(name: str, entry: dict) -> str:
 | iteration | {entry.get("iteration")} |
 | samples judged | {entry.get("num_samples")} ({statuses}) |
 | correct / after dedupe / kept | {entry.get("num_correct")} / {entry.get("num_after_dedupe")} / {entry.get("num_kept")} |
+| cut at the token limit (all / correct, dropped) | {entry.get("num_truncated")} / {entry.get("num_dropped_truncated")} |
 | cap per problem | {entry.get("max_per_problem")} (dedupe: {entry.get("dedupe")}) |
 | problems with a kept solution | {entry.get("num_problems_solved")} of {entry.get("num_problems")} |
 """

@@ -103,7 +103,8 @@ class TinyModelConfig:
 
 @dataclass
 class SelectConfig:
-    """Base-model selection on validation accuracy (train/selection.py); ``every: 0`` turns it off."""
+    """Selection on validation accuracy (train/selection.py): ``model.pretrain.select`` for the tiny base
+    model, ``trainer.select`` for the M-steps and the SFT baseline; ``every: 0`` turns it off."""
 
     every: int = 0  # optimizer steps between greedy scorings of the validation problems
     patience: int = 3  # stop after this many scorings without a new best
@@ -145,6 +146,10 @@ class SamplerConfig:
     seed: int = 0  # sample j of a problem is seeded with derive_seed(seed, problem_id) + j
     stop: list[str] = field(default_factory=list)  # strings that end a completion (cut before them)
     cache: bool = True  # reuse samples of the same policy/problems/settings (factory/sample_cache.py)
+    # HF backend only: sampling processes on this machine (factory/sampling/workers.py). Any count draws
+    # the same samples; on a CPU, one process per core beats one process with a thread per core.
+    workers: int = 1
+    threads: int | None = None  # torch threads per worker process; null: the cores divided by workers
 
 
 @dataclass
@@ -206,6 +211,9 @@ class TrainerConfig:
     seed: int = 0
     progress_bar: bool = True
     lora: LoraSettings = field(default_factory=LoraSettings)
+    # Greedy validation accuracy every select.every steps; the best weights are exported, the fit stops at
+    # a plateau (one process only). Same rule for the M-steps and the SFT baseline.
+    select: SelectConfig = field(default_factory=SelectConfig)
 
 
 @dataclass
@@ -309,6 +317,7 @@ def validate(cfg: DictConfig) -> None:
         "sampler.batch_size",
         "sampler.shard_size",
         "sampler.max_new_tokens",
+        "sampler.workers",
         "trainer.max_steps",
         "trainer.batch_size",
         "trainer.max_seq_len",
@@ -322,6 +331,13 @@ def validate(cfg: DictConfig) -> None:
     for key in ("trainer.loss_chunk_size", "trainer.checkpoint_every_n_steps"):
         if OmegaConf.select(cfg, key) < 0:
             raise ValueError(f"config error: {key} must be >= 0, got {OmegaConf.select(cfg, key)}")
+    if cfg.sampler.threads is not None and cfg.sampler.threads < 1:
+        raise ValueError(f"config error: sampler.threads must be >= 1 or null, got {cfg.sampler.threads}")
+    if cfg.sampler.backend == "vllm" and cfg.sampler.workers > 1:
+        raise ValueError(
+            "config error: sampler.workers > 1 is for the HF backend; vLLM batches in one engine "
+            "(sampler.tensor_parallel_size spreads it over GPUs)"
+        )
     check_trainer(cfg.trainer)
     if cfg.loop.iterations < 0:
         raise ValueError(f"config error: loop.iterations must be >= 0, got {cfg.loop.iterations}")
@@ -378,6 +394,15 @@ def check_trainer(settings: DictConfig) -> None:
         raise ValueError(
             f"config error: trainer.lora.r must be >= 0 (0 = full fine-tuning), got {settings.lora.r}"
         )
+    select = settings.get("select")
+    if select is not None and select.every > 0:
+        if select.every < 0 or select.patience < 1 or select.num_problems < 1:
+            raise ValueError("config error: trainer.select needs patience >= 1 and num_problems >= 1")
+        if int(settings.get("num_nodes") or 1) > 1 or str(settings.get("devices")) not in ("1", "auto"):
+            raise ValueError(
+                "config error: trainer.select.every > 0 scores the model in the training process: use "
+                "trainer.devices=1 and num_nodes=1, or trainer.select.every=0"
+            )
     if settings.lora.r > 0 and settings.strategy == "fsdp":
         raise ValueError(
             "config error: trainer.lora.r > 0 with trainer.strategy=fsdp is not supported (the merge on "

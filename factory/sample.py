@@ -8,7 +8,6 @@ Shards are the unit of resume: a rerun after a crash keeps finished shards and g
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import time
@@ -21,7 +20,11 @@ from tqdm.auto import tqdm
 from factory.config import hydra_entry
 from factory.faults import kill_point
 from factory.rundir import claim_partial, finish_partial, partial_dir
-from factory.sampling.hf import generate
+from factory.sampling.completions import merge_stops, task_stop_strings
+from factory.sampling.hf import generate, load_policy
+from factory.sampling.seeds import derive_seed, problem_seed
+
+__all__ = ["derive_seed", "e_step", "generate", "open_vllm", "problem_seed", "sample_problems"]
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +40,6 @@ SAMPLE_SCHEMA = {
 }
 
 
-def derive_seed(*parts: object) -> int:
-    """A stable 31-bit seed from any parts (Python's hash() is salted per process)."""
-    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:8], 16) & 0x7FFFFFFF
-
-
-def problem_seed(seed: int, problem_id: str, draw: int = 0) -> int:
-    """The seed of sample 0 of a problem; sample j uses ``problem_seed + j`` (on both backends).
-
-    It depends on the sampler seed and the problem id only (and ``draw``, see ``sample_problems``), so
-    sample j of a problem is the same for any K, shard, batch or prompt order, and a K'-sample run is the
-    first K' samples of a K-sample run of the same policy.
-    """
-    return derive_seed(seed, problem_id) if draw == 0 else derive_seed(seed, problem_id, draw)
-
-
 def sample_problems(
     *,
     model,
@@ -64,6 +52,7 @@ def sample_problems(
     iteration: int,
     draw: int = 0,
     sampler=None,
+    dtype: str = "float32",
 ) -> dict:
     """Samples every problem into ``out_dir/shard-*.parquet``, resuming finished shards.
 
@@ -72,7 +61,8 @@ def sample_problems(
     claimed the folder for (``rundir.claim_partial``; ``e_step`` does). ``settings.backend`` picks the
     backend: ``hf`` samples with ``model``; ``vllm`` starts a vLLM process on the ``policy`` folder (or
     uses ``sampler``, an open ``VllmSampler``) once a shard needs generating, and stops it before
-    returning. ``draw`` counts earlier E-steps of the same policy in this run (after an empty snapshot),
+    returning. With ``settings.workers`` > 1 the HF backend samples in that many worker processes, each
+    loading the ``policy`` folder in ``dtype`` (``model`` is then unused). ``draw`` counts earlier E-steps of the same policy in this run (after an empty snapshot),
     so that a repeated E-step draws new samples; it is 0 otherwise and then leaves the seeds alone.
     """
     start = time.time()
@@ -80,6 +70,8 @@ def sample_problems(
     work = partial_dir(out_dir)
     work.mkdir(parents=True, exist_ok=True)
     size = int(settings.shard_size)
+    # The task's stops for its prompt layout (the next few-shot "Question:"), then the sampler's own.
+    stop = merge_stops(task_stop_strings(task), settings.get("stop"))
     shards = [problems[i : i + size] for i in range(0, len(problems), size)]
     generated = 0
     with contextlib.ExitStack() as stack:
@@ -96,12 +88,24 @@ def sample_problems(
                 "top_p": float(settings.top_p),
                 "max_new_tokens": int(settings.max_new_tokens),
                 "seeds": seeds,
-                "stop": list(settings.get("stop") or ()),
+                "stop": stop,
             }
             if settings.backend == "vllm":
                 if sampler is None:
                     sampler = stack.enter_context(open_vllm(policy, tokenizer=tokenizer, settings=settings))
                 samples = sampler.generate(prompts, **kwargs)
+            elif int(settings.get("workers") or 1) > 1:
+                if sampler is None:
+                    sampler = stack.enter_context(worker_pool(settings))
+                samples = sampler.generate(
+                    policy,
+                    prompts,
+                    tokenizer=tokenizer,
+                    dtype=dtype,
+                    batch_size=int(settings.batch_size),
+                    desc=f"shard {shard_no}",
+                    **kwargs,
+                )
             else:
                 samples = generate(
                     model,
@@ -137,36 +141,29 @@ def sample_problems(
     return {"num_samples": num_rows, "generated": generated, "seconds": time.time() - start}
 
 
-def open_vllm(model_path, *, tokenizer, settings: DictConfig):
-    """A ``VllmSampler`` for ``model_path`` with the engine keys of ``settings`` (conf/sampler/vllm.yaml)."""
+def vllm_engine_options(settings: DictConfig) -> tuple[dict, str]:
+    """(engine keys, weights' dtype) of a vLLM sampler config (conf/sampler/vllm.yaml)."""
     from factory.config import SamplerConfig, VllmSamplerConfig
-    from factory.sampling.vllm_backend import VllmSampler
 
     engine_keys = set(VllmSamplerConfig.__dataclass_fields__) - set(SamplerConfig.__dataclass_fields__)
     values = OmegaConf.to_container(settings, resolve=True)
     options = {k: values[k] for k in engine_keys if k in values}
-    dtype = options.pop("dtype", "auto")
+    return options, options.pop("dtype", "auto")
+
+
+def worker_pool(settings: DictConfig):
+    """The HF backend's ``GenerationWorkers`` for ``settings.workers`` / ``settings.threads``."""
+    from factory.sampling.workers import GenerationWorkers
+
+    return GenerationWorkers(int(settings.workers), threads=settings.get("threads"))
+
+
+def open_vllm(model_path, *, tokenizer, settings: DictConfig):
+    """A ``VllmSampler`` for ``model_path`` with the engine keys of ``settings`` (conf/sampler/vllm.yaml)."""
+    from factory.sampling.vllm_backend import VllmSampler
+
+    options, dtype = vllm_engine_options(settings)
     return VllmSampler(model_path, tokenizer=tokenizer, options=options, dtype=dtype, seed=int(settings.seed))
-
-
-def policy_draw(run_dir, iteration: int) -> int:
-    """How many earlier iterations sampled the same policy as ``iteration`` (0 unless snapshots were
-    empty and ``loop.stop_on_empty_snapshot=false`` went on with the same policy)."""
-    for j in range(iteration - 1, 0, -1):
-        if run_dir.is_done(j, "model"):
-            return iteration - 1 - j
-    return iteration - 1
-
-
-def policy_path(run_dir, base_path, iteration: int):
-    """The policy that samples iteration k: the newest trained model before k (p_{k-1}), else the base.
-
-    An iteration whose snapshot was empty trains no model; the next one samples with the same policy.
-    """
-    for j in range(iteration - 1, 0, -1):
-        if run_dir.is_done(j, "model"):
-            return run_dir.stage(j, "model")
-    return base_path
 
 
 def e_step(cfg: DictConfig, *, stages, iteration: int) -> dict:
@@ -175,7 +172,7 @@ def e_step(cfg: DictConfig, *, stages, iteration: int) -> dict:
     ``stages`` (``factory.stage_inputs.StageInputs``) gives the policy, the problems and the inputs the
     finished stage records.
     """
-    from factory.models import load_model, load_tokenizer
+    from factory.models import load_tokenizer
     from factory.sample_cache import sample_or_reuse
     from factory.versioning import sampling_inputs
 
@@ -187,7 +184,10 @@ def e_step(cfg: DictConfig, *, stages, iteration: int) -> dict:
         claim_partial(out, inputs)  # shards of other inputs are never resumed
         return sample_problems(
             # vLLM loads the policy in its own process; the HF backend samples with it here.
-            model=None if cfg.sampler.backend == "vllm" else load_model(policy, dtype=cfg.model.dtype),
+            # Worker processes (sampler.workers > 1) load it themselves.
+            model=None
+            if cfg.sampler.backend == "vllm" or int(cfg.sampler.get("workers") or 1) > 1
+            else load_policy(policy, dtype=cfg.model.dtype),
             tokenizer=load_tokenizer(policy),
             task=stages.task,
             problems=stages.train_problems,
@@ -196,6 +196,7 @@ def e_step(cfg: DictConfig, *, stages, iteration: int) -> dict:
             policy=str(policy),
             iteration=iteration,
             draw=sampling["draw"],
+            dtype=str(cfg.model.dtype),
         )
 
     key_inputs = sampling_inputs(

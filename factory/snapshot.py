@@ -31,8 +31,13 @@ def select_kept(
 ) -> tuple[pl.DataFrame, dict]:
     """Joins samples with verdicts and keeps the correct ones, deduplicated and capped per problem.
 
+    A sample cut at the token limit (``finish_reason == "length"``) is never kept, even when the verifier
+    judged it correct: its text stops mid-solution, and training on it with an end token appended would
+    teach the model to end turns there. Such samples are counted (``num_truncated`` of all samples,
+    ``num_dropped_truncated`` of the correct ones).
+
     Takes frames or lazy scans of the shards: only the correct samples are ever held in memory whole;
-    the counts come from the key and status columns alone.
+    the counts come from the key, status and finish-reason columns alone.
 
     Returns:
         (kept rows ordered by problem and sample index, counts per status and filter step)
@@ -41,13 +46,20 @@ def select_kept(
     samples, verdicts = samples.lazy(), verdicts.lazy()
     sample_columns = samples.collect_schema().names()
     extra = [c for c in verdicts.collect_schema().names() if c not in sample_columns]
-    num_samples, num_verdicts, num_matched, statuses, num_problems = pl.collect_all(
+    # Samples written before finish reasons were recorded count as complete.
+    truncated = (
+        (pl.col("finish_reason") == "length").fill_null(False)
+        if "finish_reason" in sample_columns
+        else pl.lit(False)
+    )
+    num_samples, num_verdicts, num_matched, statuses, num_problems, num_truncated = pl.collect_all(
         [
             samples.select(pl.len()),
             verdicts.select(pl.len()),
             samples.select(key).join(verdicts.select(key), on=key, how="inner").select(pl.len()),
             verdicts.group_by("status").len(),
             samples.select(pl.col("problem_id").n_unique()),
+            samples.select(truncated.sum()),
         ]
     )
     num_samples, num_verdicts = num_samples.item(), num_verdicts.item()
@@ -60,10 +72,11 @@ def select_kept(
         .sort(key)
         .collect()
     )
+    complete = correct.filter(~truncated)
     deduped = (
-        correct.unique(subset=["problem_id", "completion"], keep="first", maintain_order=True)
+        complete.unique(subset=["problem_id", "completion"], keep="first", maintain_order=True)
         if dedupe
-        else correct
+        else complete
     )
     # The paper caps kept solutions per problem (10) so easy problems do not dominate the M-step.
     kept = deduped.filter(pl.int_range(pl.len()).over("problem_id") < max_per_problem)
@@ -71,6 +84,8 @@ def select_kept(
         "num_samples": num_samples,
         "status_counts": dict(sorted(statuses.iter_rows())),
         "num_correct": correct.height,
+        "num_truncated": int(num_truncated.item() or 0),
+        "num_dropped_truncated": correct.height - complete.height,
         "num_after_dedupe": deduped.height,
         "num_kept": kept.height,
         "num_problems": num_problems.item(),

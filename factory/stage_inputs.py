@@ -185,7 +185,6 @@ class StageInputs:
 
     def sampling(self, k: int) -> dict:
         """Iteration ``k``'s E-step: its policy, the fingerprints its samples depend on, its draw."""
-        from factory.sample import policy_draw, policy_path
 
         policy = policy_path(self.run_dir, self.base, k)
         return {
@@ -396,3 +395,23 @@ def snapshot_pairs(dataset_dir: Path) -> list[dict]:
 
     ds = load_from_disk(str(dataset_dir))["train"]
     return [{"prompt": p, "completion": c} for p, c in zip(ds["prompt"], ds["completion"], strict=True)]
+
+
+def policy_draw(run_dir, iteration: int) -> int:
+    """How many earlier iterations sampled the same policy as ``iteration`` (0 unless snapshots were
+    empty and ``loop.stop_on_empty_snapshot=false`` went on with the same policy)."""
+    for j in range(iteration - 1, 0, -1):
+        if run_dir.is_done(j, "model"):
+            return iteration - 1 - j
+    return iteration - 1
+
+
+def policy_path(run_dir, base_path, iteration: int):
+    """The policy that samples iteration k: the newest trained model before k (p_{k-1}), else the base.
+
+    An iteration whose snapshot was empty trains no model; the next one samples with the same policy.
+    """
+    for j in range(iteration - 1, 0, -1):
+        if run_dir.is_done(j, "model"):
+            return run_dir.stage(j, "model")
+    return base_path

@@ -27,6 +27,8 @@ SAMPLER_THROUGHPUT_KEYS = (
     "batch_size",
     "shard_size",
     "cache",
+    "workers",
+    "threads",
     # vLLM engine settings that change its speed and memory, not the samples it draws.
     "tensor_parallel_size",
     "gpu_memory_utilization",
@@ -112,7 +114,7 @@ def sampling_inputs(
 
     ``prompts_sha`` is ``rendered_prompts_fingerprint`` with the policy's tokenizer. The iteration is
     included because an E-step that samples the same policy again (after an empty snapshot) draws new
-    samples (``sample.policy_draw``), so samples of one policy differ by iteration.
+    samples (``stage_inputs.policy_draw``), so samples of one policy differ by iteration.
     """
     sampler = _settings(cfg, "sampler", SAMPLER_THROUGHPUT_KEYS + ("num_samples",))
     return {

@@ -81,6 +81,7 @@ SHRINK = [
     "sampler.num_samples=4",
     "sampler.max_new_tokens=40",
     "sampler.shard_size=16",
+    "sampler.workers=1",  # the demo's worker processes cost a start-up each; tests/test_sample.py covers them
     "eval.num_samples=4",
     "eval.ks=[1,2,4]",
     "eval.max_new_tokens=40",

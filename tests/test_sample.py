@@ -211,7 +211,8 @@ def test_sample_shards_do_not_change_samples(tmp_path, tiny_model_and_tokenizer)
 
 def test_policy_draw_counts_repeated_e_steps_of_one_policy():
     """After an empty snapshot the next E-step samples the same policy again: it must draw new seeds."""
-    from factory.sample import policy_draw, problem_seed
+    from factory.sample import problem_seed
+    from factory.stage_inputs import policy_draw
 
     class _Run:
         def __init__(self, models):
@@ -234,3 +235,34 @@ def test_vllm_sampler_config_composes(make_cfg):
         make_cfg("sampler=vllm", "sampler.gpu_memory_utilisation=0.5")
     with pytest.raises(Exception, match="tensor_parallel_size"):
         make_cfg("sampler.tensor_parallel_size=2")  # an hf sampler has no engine keys
+
+
+def test_worker_processes_draw_the_samples_one_process_draws(tmp_path, tiny_model_dir, tiny_model_and_tokenizer):
+    """sampler.workers=2 (two spawned processes, one thread each) writes the rows workers=1 writes."""
+    model, tok = tiny_model_and_tokenizer
+    frames = []
+    for workers in (1, 2):
+        settings = OmegaConf.merge(
+            OmegaConf.structured(SamplerConfig),
+            {"num_samples": 3, "max_new_tokens": 8, "batch_size": 2, "shard_size": 5, "temperature": 1.0,
+             "workers": workers, "threads": 1},
+        )  # fmt: skip
+        out = tmp_path / f"w{workers}" / "samples"
+        sample_problems(
+            model=model if workers == 1 else None, tokenizer=tok, task=_Task(), problems=_problems(9),
+            out_dir=out, settings=settings, policy=str(tiny_model_dir), iteration=1,
+        )  # fmt: skip
+        frames.append(pl.read_parquet(sorted(out.glob("shard-*.parquet"))).sort("problem_id", "sample_idx"))
+    one, two = frames
+    assert one.height == 27 and one.equals(two)
+
+
+def test_worker_settings_are_checked_and_do_not_change_fingerprints(make_cfg):
+    from factory.config import validate
+    from factory.versioning import SAMPLER_THROUGHPUT_KEYS
+
+    assert {"workers", "threads"} <= set(SAMPLER_THROUGHPUT_KEYS)
+    with pytest.raises(ValueError, match="sampler.workers must be >= 1"):
+        validate(make_cfg("sampler.workers=0"))
+    with pytest.raises(ValueError, match="sampler.threads must be >= 1 or null"):
+        validate(make_cfg("sampler.threads=0"))

@@ -94,3 +94,37 @@ def test_build_snapshot_round_trip(tmp_path):
     assert build_snapshot(out_dir=tmp_path / "changed", **kwargs)["fingerprint"] != manifest["fingerprint"]
     with pytest.raises(FileExistsError):
         build_snapshot(out_dir=tmp_path / "dataset", **kwargs)
+
+
+def test_samples_cut_at_the_token_limit_are_never_kept(tmp_path):
+    """A correct-looking sample that ran into max_new_tokens stops mid-solution: the snapshot drops it (it
+    would be trained on with an end token appended) and counts it in the manifest and the card."""
+    samples, verdicts = _frames()
+    # a/2 ("y") and b/1 ("r") are correct but were cut at the limit; c/0 is wrong and cut.
+    cut = {("a", 2), ("b", 1), ("c", 0)}
+    keys = zip(samples["problem_id"], samples["sample_idx"], strict=True)
+    samples = samples.with_columns(
+        pl.Series("finish_reason", ["length" if k in cut else "stop" for k in keys])
+    )
+    kept, counts = select_kept(samples, verdicts, max_per_problem=10, dedupe=True)
+    assert kept.select(["problem_id", "completion"]).rows() == [("a", "x"), ("a", "z")]
+    assert counts["num_correct"] == 5 and counts["num_truncated"] == 3
+    assert counts["num_dropped_truncated"] == 2 and counts["num_kept"] == 2
+    assert counts["num_problems_solved"] == 1
+
+    (tmp_path / "samples").mkdir()
+    (tmp_path / "verdicts").mkdir()
+    samples.write_parquet(tmp_path / "samples" / "shard-00000.parquet")
+    verdicts.write_parquet(tmp_path / "verdicts" / "shard-00000.parquet")
+    manifest = build_snapshot(
+        samples_dir=tmp_path / "samples", verdicts_dir=tmp_path / "verdicts", out_dir=tmp_path / "dataset",
+        max_per_problem=10, dedupe=True, lineage={"iteration": 1, "task": "arith", "base_model": "b",
+        "policy": "b"}, settings={},
+    )  # fmt: skip
+    assert manifest["num_dropped_truncated"] == 2 and manifest["num_truncated"] == 3
+    assert len(load_from_disk(str(tmp_path / "dataset"))["train"]) == 2
+    card = (tmp_path / "dataset" / "README.md").read_text()
+    assert (
+        "num_dropped_truncated: 2" in card
+        and "| cut at the token limit (all / correct, dropped) | 3 / 2 |" in card
+    )

@@ -132,3 +132,55 @@ def test_e_step_and_eval_start_their_own_vllm_process(tmp_path, tiny_model_dir, 
     }
     assert greedy["hf"] == greedy["vllm"]
     assert results["hf"]["greedy_accuracy"] == results["vllm"]["greedy_accuracy"]
+
+
+class _Spy:
+    """Records what the parent sends to the vLLM process."""
+
+    def __init__(self, conn):
+        self.conn, self.sent = conn, []
+
+    def send(self, message):
+        self.sent.append(message)
+        self.conn.send(message)
+
+    def recv(self):
+        return self.conn.recv()
+
+    def close(self):
+        self.conn.close()
+
+
+def test_a_prompt_that_holds_its_bos_reaches_vllm_with_one(
+    vllm_sampler, tiny_model_and_tokenizer, monkeypatch
+):
+    """A rendered chat template writes the BOS itself: it must not get a second one from the tokenizer."""
+    _, tok = tiny_model_and_tokenizer
+    spy = _Spy(vllm_sampler._conn)
+    monkeypatch.setattr(vllm_sampler, "_conn", spy)
+    kw = {"num_samples": 1, "temperature": 0.0, "max_new_tokens": 16, "seeds": [0]}
+    with_bos = vllm_sampler.generate([tok.bos_token + PROMPTS[1]], **kw)
+    assert spy.sent[-1][1]["prompt_token_ids"][0].count(tok.bos_token_id) == 1
+    assert with_bos == vllm_sampler.generate([PROMPTS[1]], **kw)  # the tokenizer adds <s> to a plain prompt
+
+
+def test_vllm_stops_at_every_stop_token_id_like_the_hf_backend(vllm_sampler, tiny_model_and_tokenizer):
+    """Extra end-of-completion ids (a generation config's list, the chat template's end of turn) end a
+    vLLM completion where they end an HF one."""
+    model, tok = tiny_model_and_tokenizer
+    assert vllm_sampler.stop_token_ids == [tok.eos_token_id]  # the tiny model's only end token
+    kw = {"num_samples": 1, "temperature": 0.0, "max_new_tokens": 24}
+    free = vllm_sampler.generate(PROMPTS, seeds=[0] * len(PROMPTS), **kw)
+    longest = max(range(len(PROMPTS)), key=lambda i: free[i][0]["num_tokens"])
+    ids = tok(free[longest][0]["completion"], add_special_tokens=False).input_ids
+    assert len(ids) >= 4, "the tiny model's greedy completion is too short for this test"
+    stop_ids = [tok.eos_token_id, ids[3]]
+    cut = vllm_sampler.generate(PROMPTS, seeds=[0] * len(PROMPTS), stop_token_ids=stop_ids, **kw)
+    at = ids.index(ids[3])
+    assert (
+        cut[longest][0]["completion"] == tok.decode(ids[:at]) and cut[longest][0]["finish_reason"] == "stop"
+    )
+    hf = generate(model, tok, PROMPTS, batch_size=4, stop_token_ids=stop_ids, progress=False, **kw)
+    assert [[(s["completion"], s["num_tokens"], s["finish_reason"]) for s in per] for per in cut] == [
+        [(s["completion"], s["num_tokens"], s["finish_reason"]) for s in per] for per in hf
+    ]

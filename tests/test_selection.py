@@ -1,0 +1,71 @@
+"""Selection on validation accuracy (train/selection.py): the tiny base (model.pretrain.select), the M-steps
+and the SFT baseline (trainer.select) keep their best scoring weights and stop at a plateau."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from factory import loop
+from factory.config import TrainerConfig, validate
+from factory.rundir import RunDir, read_json
+from train.finetune import fine_tune
+from train.selection import BestOnValidation
+
+
+def test_best_weights_are_kept_and_the_fit_stops_at_the_plateau(tmp_path, tiny_model_and_tokenizer):
+    model, tok = tiny_model_and_tokenizer
+    model = copy.deepcopy(model)
+    scores = iter([0.1, 0.5, 0.3, 0.2, 0.9, 0.9])  # best at the 2nd scoring, then 2 without a new best
+    seen = {}
+
+    def score(m) -> float:
+        s = next(scores)
+        seen[len(seen)] = (s, {k: v.detach().clone() for k, v in m.state_dict().items()})
+        return s
+
+    pairs = [{"prompt": f"Q: {i}+1?\nA: ", "completion": f"{i}+1={i + 1}. Answer: {i + 1}"} for i in range(8)]
+    settings = OmegaConf.merge(
+        OmegaConf.structured(TrainerConfig),
+        {"max_steps": 40, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "progress_bar": False},
+    )
+    callback = BestOnValidation(score, every=5, patience=2)
+    info = fine_tune(
+        model=model, tokenizer=tok, pairs=pairs, out_dir=tmp_path / "m", settings=settings, callbacks=[callback]
+    )
+    # Scored at steps 5, 10 (best), 15 and 20 (two without a new best: stop); step 10's weights exported.
+    assert info["selection"]["best_step"] == 10 and info["selection"]["steps_trained"] == 20
+    assert [s for s, _ in info["selection"]["history"]] == [5, 10, 15, 20]
+    assert read_json(tmp_path / "m" / "stage.json")["selection"]["best_score"] == 0.5
+    best = seen[1][1]
+    assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
+
+
+def test_m_step_and_sft_select_on_validation(make_cfg, easy_arith):
+    cfg = make_cfg(
+        *easy_arith,
+        "loop.iterations=1",
+        "trainer.max_steps=12",
+        "trainer.select.every=4",
+        "trainer.select.patience=5",
+        "trainer.select.num_problems=5",
+    )
+    loop.run(cfg)
+    run_dir = RunDir(cfg.paths.run_dir)
+    for k in (1, "sft_human"):
+        selection = run_dir.stage_info(k, "model")["selection"]
+        assert [s for s, _ in selection["history"]] == [4, 8, 12]
+        assert selection["best_score"] == max(v for _, v in selection["history"])
+    # The base's own selection is model.pretrain.select: trainer.select never changes the cached base.
+    assert len(list(Path(cfg.paths.cache_dir).glob("base_models/*"))) == 1
+
+
+def test_selection_settings_are_checked(make_cfg):
+    with pytest.raises(ValueError, match="trainer.select.every > 0 scores the model in the training process"):
+        validate(make_cfg("trainer.select.every=5", "trainer.devices=2"))
+    with pytest.raises(ValueError, match="trainer.select needs patience >= 1"):
+        validate(make_cfg("trainer.select.every=5", "trainer.select.patience=0"))
