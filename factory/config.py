@@ -395,13 +395,20 @@ def check_trainer(settings: DictConfig) -> None:
             f"config error: trainer.lora.r must be >= 0 (0 = full fine-tuning), got {settings.lora.r}"
         )
     select = settings.get("select")
+    if select is not None and select.every < 0:
+        raise ValueError(f"config error: trainer.select.every must be >= 0 (0 = off), got {select.every}")
     if select is not None and select.every > 0:
-        if select.every < 0 or select.patience < 1 or select.num_problems < 1:
+        if select.patience < 1 or select.num_problems < 1:
             raise ValueError("config error: trainer.select needs patience >= 1 and num_problems >= 1")
-        if int(settings.get("num_nodes") or 1) > 1 or str(settings.get("devices")) not in ("1", "auto"):
+        one_process = (
+            int(settings.get("num_nodes") or 1) == 1
+            and str(settings.get("devices")) == "1"
+            and settings.get("strategy") in ("auto", None)
+        )
+        if not one_process:
             raise ValueError(
                 "config error: trainer.select.every > 0 scores the model in the training process: use "
-                "trainer.devices=1 and num_nodes=1, or trainer.select.every=0"
+                "trainer.devices=1, num_nodes=1 and strategy=auto, or trainer.select.every=0"
             )
     if settings.lora.r > 0 and settings.strategy == "fsdp":
         raise ValueError(

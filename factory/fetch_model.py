@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
     except (FetchError, FileExistsError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except ImportError as err:  # transformers reads GGUF files through the gguf package
+        print(f"error: {err.name or err}: reading the GGUF file needs it (pip install gguf)", file=sys.stderr)
+        sys.exit(1)
     print(folder)
 
 

@@ -242,6 +242,16 @@ class StageInputs:
         if k not in self._pairs:  # a finished snapshot never changes: one hash per process
             self._pairs[k] = digest(pairs if pairs is not None else self.training_pairs(k))
         config = {"trainer": trainer_settings(self.cfg), "model": {"dtype": self.cfg.model.dtype}}
+        if self.cfg.trainer.select.every > 0:
+            # What trainer.select scores with (train/selection.py): decode length, stops, the problems.
+            from train.selection import validation_problems
+
+            problems = validation_problems(self.task, int(self.cfg.trainer.select.num_problems))
+            config["selection"] = {
+                "max_new_tokens": int(self.cfg.eval.max_new_tokens),
+                "stop": list(self.cfg.sampler.stop),
+                "problems": problems_fingerprint(problems),
+            }
         if k != "sft_human":
             config["loop"] = {"include_human_data": bool(self.cfg.loop.include_human_data)}
         return {

@@ -67,5 +67,26 @@ def test_m_step_and_sft_select_on_validation(make_cfg, easy_arith):
 def test_selection_settings_are_checked(make_cfg):
     with pytest.raises(ValueError, match="trainer.select.every > 0 scores the model in the training process"):
         validate(make_cfg("trainer.select.every=5", "trainer.devices=2"))
+    with pytest.raises(ValueError, match="trainer.select.every > 0 scores the model in the training process"):
+        validate(make_cfg("trainer.select.every=5", "trainer=ddp"))
+    with pytest.raises(ValueError, match="trainer.select.every must be >= 0"):
+        validate(make_cfg("trainer.select.every=-1"))
     with pytest.raises(ValueError, match="trainer.select needs patience >= 1"):
         validate(make_cfg("trainer.select.every=5", "trainer.select.patience=0"))
+
+
+def test_what_m_step_selection_scores_with_is_an_input_of_the_model_stage(make_cfg, monkeypatch):
+    import factory.stage_inputs as si
+
+    monkeypatch.setattr(si, "weights_fingerprint", lambda path: "w")  # no base model needed
+    pairs = [{"prompt": "Q: 1+1?\nA: ", "completion": "1+1=2. Answer: 2"}]
+
+    def model_inputs(*overrides):
+        with si.stage_inputs(make_cfg(*overrides)) as stages:
+            stages.base = "base"
+            return stages.model(1, pairs)
+
+    on = "trainer.select.every=5"
+    assert model_inputs(on) != model_inputs(on, "eval.max_new_tokens=30")
+    assert model_inputs(on) != model_inputs(on, "task.num_validation=12")
+    assert model_inputs() == model_inputs("eval.max_new_tokens=30")  # selection off: eval keys do not count
