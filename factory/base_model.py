@@ -77,7 +77,7 @@ def base_model_key(cfg: DictConfig) -> str:
         "task": task.human_data_fingerprint(),
         "select": _selection_fingerprint(cfg, task),
         "generator": arith.GENERATOR_VERSION,
-        "format": 3,
+        "format": 4,  # 4: selection scores with stop strings and the guarded judge
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
@@ -100,12 +100,21 @@ def ensure_base_model(cfg: DictConfig) -> Path | str:
 
 
 def _pretrain_tiny(cfg: DictConfig, out_dir: Path) -> None:
-    from factory.models import build_tiny_model, train_char_tokenizer
     from factory.tasks import build_task
-    from train.finetune import fine_tune  # the training engine, which never imports this module
 
     # No tokenizer yet (it is trained from these pairs): the chat prompt style needs a Hub model.
-    pairs = human_pairs(build_task(cfg.task, data_dir=cfg.paths.data_dir), tokenizer=None)
+    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
+    try:
+        _pretrain_with(cfg, task, out_dir)
+    finally:
+        task.close()  # the verifier's pool or sandbox that selection's scoring used
+
+
+def _pretrain_with(cfg: DictConfig, task, out_dir: Path) -> None:
+    from factory.models import build_tiny_model, train_char_tokenizer
+    from train.finetune import fine_tune
+
+    pairs = human_pairs(task, tokenizer=None)
     tokenizer = train_char_tokenizer([p["prompt"] + p["completion"] for p in pairs])
     tiny = cfg.model.tiny
     model = build_tiny_model(
@@ -126,8 +135,11 @@ def _pretrain_tiny(cfg: DictConfig, out_dir: Path) -> None:
         # a different point of the learning curve on each CPU kind, the plateau does not.
         from train.selection import BestOnValidation, greedy_accuracy
 
-        task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
         problems = _selection_problems(cfg, task)
+        if not problems:
+            raise ValueError(
+                "config error: model.pretrain.select.every > 0 but the task has no validation problems"
+            )
         callbacks.append(
             BestOnValidation(
                 greedy_accuracy(task, problems, tokenizer, cfg),
@@ -163,6 +175,7 @@ def _selection_fingerprint(cfg: DictConfig, task) -> dict | None:
         **OmegaConf.to_container(select, resolve=True),
         "problems": problems_fingerprint(_selection_problems(cfg, task)),
         "max_new_tokens": int(cfg.eval.max_new_tokens),
+        "stop": list(cfg.sampler.stop),  # with the task's own stops (part of its code)
     }
 
 

@@ -146,8 +146,8 @@ class SamplerConfig:
     seed: int = 0  # sample j of a problem is seeded with derive_seed(seed, problem_id) + j
     stop: list[str] = field(default_factory=list)  # strings that end a completion (cut before them)
     cache: bool = True  # reuse samples of the same policy/problems/settings (factory/sample_cache.py)
-    # HF backend only: sampling processes on this machine (factory/sampling/workers.py). Any count draws
-    # the same samples; on a CPU, one process per core beats one process with a thread per core.
+    # HF backend only (vLLM ignores both): sampling processes on this machine (factory/sampling/workers.py).
+    # Any count draws the same samples; on a CPU, one process per core beats one process with 2 threads.
     workers: int = 1
     threads: int | None = None  # torch threads per worker process; null: the cores divided by workers
 
@@ -333,12 +333,17 @@ def validate(cfg: DictConfig) -> None:
             raise ValueError(f"config error: {key} must be >= 0, got {OmegaConf.select(cfg, key)}")
     if cfg.sampler.threads is not None and cfg.sampler.threads < 1:
         raise ValueError(f"config error: sampler.threads must be >= 1 or null, got {cfg.sampler.threads}")
-    if cfg.sampler.backend == "vllm" and cfg.sampler.workers > 1:
-        raise ValueError(
-            "config error: sampler.workers > 1 is for the HF backend; vLLM batches in one engine "
-            "(sampler.tensor_parallel_size spreads it over GPUs)"
-        )
     check_trainer(cfg.trainer)
+    pretrain_select = cfg.model.pretrain.select
+    if pretrain_select.every < 0:
+        raise ValueError(
+            f"config error: model.pretrain.select.every must be >= 0 (0 = off), got {pretrain_select.every}"
+        )
+    for key in ("patience", "num_problems"):
+        if pretrain_select.every > 0 and pretrain_select[key] < 1:
+            raise ValueError(
+                f"config error: model.pretrain.select.{key} must be >= 1, got {pretrain_select[key]}"
+            )
     if cfg.loop.iterations < 0:
         raise ValueError(f"config error: loop.iterations must be >= 0, got {cfg.loop.iterations}")
     if not cfg.sampler.temperature >= 0.0:
@@ -398,22 +403,32 @@ def check_trainer(settings: DictConfig) -> None:
     if select is not None and select.every < 0:
         raise ValueError(f"config error: trainer.select.every must be >= 0 (0 = off), got {select.every}")
     if select is not None and select.every > 0:
-        if select.patience < 1 or select.num_problems < 1:
-            raise ValueError("config error: trainer.select needs patience >= 1 and num_problems >= 1")
-        one_process = (
-            int(settings.get("num_nodes") or 1) == 1
-            and str(settings.get("devices")) == "1"
-            and settings.get("strategy") in ("auto", None)
-        )
-        if not one_process:
-            raise ValueError(
-                "config error: trainer.select.every > 0 scores the model in the training process: use "
-                "trainer.devices=1, num_nodes=1 and strategy=auto, or trainer.select.every=0"
-            )
+        for key in ("patience", "num_problems"):
+            if select[key] < 1:
+                raise ValueError(f"config error: trainer.select.{key} must be >= 1, got {select[key]}")
     if settings.lora.r > 0 and settings.strategy == "fsdp":
         raise ValueError(
             "config error: trainer.lora.r > 0 with trainer.strategy=fsdp is not supported (the merge on "
             "export needs the whole model); use ddp: LoRA's gradients and optimizer state are small"
+        )
+
+
+def check_select_in_one_process(settings: DictConfig) -> None:
+    """``trainer.select`` scores the model inside the training process: a fit that is launched over
+    several processes (``train.launch``) cannot run it. Called when the fit starts (a config may compose
+    with ddp/fsdp and selection and never train, e.g. ``--cfg job``)."""
+    select = settings.get("select")
+    if select is None or select.every <= 0:
+        return
+    one_process = (
+        int(settings.get("num_nodes") or 1) == 1
+        and str(settings.get("devices")) == "1"
+        and settings.get("strategy") in ("auto", None)
+    )
+    if not one_process:
+        raise ValueError(
+            "config error: trainer.select.every > 0 scores the model in the training process: use "
+            "trainer.devices=1, trainer.num_nodes=1 and trainer.strategy=auto, or trainer.select.every=0"
         )
 
 

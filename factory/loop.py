@@ -1,7 +1,7 @@
 """The ReST-EM driver: base eval, then N x (E-step -> verify -> snapshot -> M-step -> eval), then the
 SFT-on-human baseline, a summary, a report and a plot.
 
-Command: ``restem`` (the default experiment, arith_demo) or ``restem experiment=... key=value``.
+Command: ``restem experiment=arith_demo`` (the demo) or ``restem [experiment=...] key=value ...``.
 Rerunning the same command skips finished stages and resumes partly written sample shards. A finished
 stage made from other inputs than the config gives (another setting, model, prompt or training data) is
 refused before anything is written, naming what changed (``factory/stage_inputs.py``).

@@ -244,9 +244,10 @@ class StageInputs:
         config = {"trainer": trainer_settings(self.cfg), "model": {"dtype": self.cfg.model.dtype}}
         if self.cfg.trainer.select.every > 0:
             # What trainer.select scores with (train/selection.py): decode length, stops, the problems.
-            from train.selection import validation_problems
-
-            problems = validation_problems(self.task, int(self.cfg.trainer.select.num_problems))
+            # The problems train.selection.validation_problems scores on (not imported: train imports us).
+            problems = self.task.load_problems(
+                split="validation", limit=int(self.cfg.trainer.select.num_problems)
+            )
             config["selection"] = {
                 "max_new_tokens": int(self.cfg.eval.max_new_tokens),
                 "stop": list(self.cfg.sampler.stop),

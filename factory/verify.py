@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from factory.config import hydra_entry
 from factory.faults import kill_point
+from factory.judge import MAX_COMPLETION_CHARS, judge  # noqa: F401  (MAX_COMPLETION_CHARS: re-exported)
 from factory.rundir import claim_partial, finish_partial, read_parquet, scan_shards
 
 VERDICT_SCHEMA = {
@@ -27,52 +28,6 @@ VERDICT_SCHEMA = {
     "steps_valid": pl.Boolean,
     "test_results": pl.String,  # code tasks: one character per unit test (P / F / -)
 }
-# Longer completions are not judged (status "too_long"): no real solution is this long, and a runaway
-# generation must not stall the verifier (regexes and parsers are at least linear in the text).
-MAX_COMPLETION_CHARS = 100_000
-
-
-def judge(task, problems: list[dict], completions: list, *, strictness: str | None = None) -> list[dict]:
-    """``task.verify`` made safe for any completion: never raises because of what a sample contains.
-
-    Completions over ``MAX_COMPLETION_CHARS`` get status ``too_long`` without being parsed; text that is
-    not valid UTF-8 (lone surrogates from a lenient decode) is judged with the bad characters replaced,
-    and the verdict's text fields are made writable to parquet. ``strictness`` as in ``task.verify``
-    (None: the task's own).
-    """
-    verdicts: list[dict | None] = [None] * len(completions)
-    todo = []
-    for i, text in enumerate(completions):
-        if isinstance(text, str) and len(text) > MAX_COMPLETION_CHARS:
-            verdicts[i] = {
-                "reward": 0.0,
-                "status": "too_long",
-                "detail": f"completion has {len(text):,} characters (> {MAX_COMPLETION_CHARS:,}): not judged",
-                "answer": None,
-                "steps_valid": None,
-            }
-        else:
-            todo.append(i)
-    judged = (
-        task.verify(
-            [problems[i] for i in todo], [_valid_utf8(completions[i]) for i in todo], strictness=strictness
-        )
-        if todo
-        else []
-    )
-    for i, verdict in zip(todo, judged, strict=True):
-        verdicts[i] = {k: _valid_utf8(v) if isinstance(v, str) else v for k, v in verdict.items()}
-    return verdicts
-
-
-def _valid_utf8(text):
-    if not isinstance(text, str):
-        return text
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def verify_samples(

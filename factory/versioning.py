@@ -37,6 +37,7 @@ SAMPLER_THROUGHPUT_KEYS = (
     "enforce_eager",
     "cpu_kvcache_space",
 )
+SAMPLING_CODE_VERSION = 2
 # The verifier's worker count changes its speed, not its verdicts.
 TASK_THROUGHPUT_KEYS = ("verifier_workers",)
 
@@ -124,6 +125,9 @@ def sampling_inputs(
         "sampler": sampler,
         "dtype": cfg.model.dtype,
         "iteration": iteration,
+        # The samplers' own version: 2 since they render one BOS, stop at every end id and at the task's
+        # stop strings, so cached samples of version 1 are never served for the same settings.
+        "sampling_code": SAMPLING_CODE_VERSION,
     }
 
 

@@ -34,14 +34,27 @@ def test_every_option_of_every_group_composes(group):
         assert cfg.paths.run_dir
 
 
-def test_default_is_the_arith_demo():
+def test_default_is_the_tiny_arith_model_and_the_demo_is_an_experiment():
     cfg = compose()
-    assert cfg.name == "arith_demo"
-    assert cfg.task.name == "arith"
-    assert cfg.model.name == "tiny_arith"
-    assert cfg.paths.run_dir == "runs/arith_demo"
+    assert (cfg.name, cfg.task.name, cfg.model.name) == ("restem", "arith", "tiny_arith")
+    assert cfg.paths.run_dir == "runs/restem"
     assert cfg.snapshot.max_per_problem == 10
     assert cfg.loop.iterations == 3
+    demo = compose(["experiment=arith_demo"])
+    assert demo.paths.run_dir == "runs/arith_demo" and demo.loop.iterations == 2
+    assert demo.trainer.select.every > 0 and demo.model.pretrain.select.every > 0
+
+
+def test_the_demo_recipe_stays_out_of_other_runs():
+    """conf/experiment/arith_demo.yaml's K, temperature, workers and selection apply to the demo only:
+    a real model on a real task composes its own recipe's values (the experiment is not a default)."""
+    cfg = compose(["model=smollm2_135m_instruct", "task=gsm8k"])
+    assert cfg.sampler.workers == 1 and cfg.trainer.select.every == 0 and cfg.trainer.epochs is None
+    assert (cfg.sampler.num_samples, cfg.sampler.temperature) != (4, 1.0)
+    # The demo with the vLLM sampler or a multi-GPU trainer composes (workers is the HF backend's key;
+    # selection refuses a launched fit when it starts, tests/test_selection.py).
+    compose(["experiment=arith_demo", "sampler=vllm"])
+    compose(["experiment=arith_demo", "trainer=ddp"])
 
 
 @pytest.mark.parametrize(

@@ -237,7 +237,9 @@ def test_vllm_sampler_config_composes(make_cfg):
         make_cfg("sampler.tensor_parallel_size=2")  # an hf sampler has no engine keys
 
 
-def test_worker_processes_draw_the_samples_one_process_draws(tmp_path, tiny_model_dir, tiny_model_and_tokenizer):
+def test_worker_processes_draw_the_samples_one_process_draws(
+    tmp_path, tiny_model_dir, tiny_model_and_tokenizer
+):
     """sampler.workers=2 (two spawned processes, one thread each) writes the rows workers=1 writes."""
     model, tok = tiny_model_and_tokenizer
     frames = []
@@ -266,3 +268,25 @@ def test_worker_settings_are_checked_and_do_not_change_fingerprints(make_cfg):
         validate(make_cfg("sampler.workers=0"))
     with pytest.raises(ValueError, match="sampler.threads must be >= 1 or null"):
         validate(make_cfg("sampler.threads=0"))
+
+
+def test_evaluation_in_worker_processes_reports_what_one_process_reports(tmp_path, tiny_model_dir, make_cfg):
+    """eval with sampler.workers=2 writes the per-problem rows and metrics of sampler.workers=1."""
+    from eval.evaluate import evaluate_model
+    from factory.tasks import build_task
+
+    results = []
+    for workers in (1, 2):
+        cfg = make_cfg(f"sampler.workers={workers}", "sampler.threads=1", "eval.max_new_tokens=8")
+        task = build_task(cfg.task)
+        problems = task.load_problems(split="test", limit=6)
+        out = tmp_path / f"eval{workers}"
+        metrics = evaluate_model(
+            model_path=tiny_model_dir, task=task, problems=problems, settings=cfg.eval, out_dir=out,
+            sampler_settings=cfg.sampler,
+        )  # fmt: skip
+        task.close()
+        metrics.pop("seconds")
+        results.append((metrics, pl.read_parquet(out / "per_problem.parquet")))
+    (m1, rows1), (m2, rows2) = results
+    assert m1 == m2 and rows1.equals(rows2) and rows1.height == 6

@@ -27,7 +27,20 @@ def _boom(*args, **kwargs):
 def _per_sample_sampler(calls: list[int]):
     """A stand-in ``sample_problems``: sample j of a problem is a function of (problem, j) only."""
 
-    def fake(*, model, tokenizer, task, problems, out_dir, settings, policy, iteration, draw=0, sampler=None, dtype="float32"):
+    def fake(
+        *,
+        model,
+        tokenizer,
+        task,
+        problems,
+        out_dir,
+        settings,
+        policy,
+        iteration,
+        draw=0,
+        sampler=None,
+        dtype="float32",
+    ):
         calls.append(int(settings.num_samples))
         rows = []
         for p in problems:

@@ -35,7 +35,12 @@ def test_best_weights_are_kept_and_the_fit_stops_at_the_plateau(tmp_path, tiny_m
     )
     callback = BestOnValidation(score, every=5, patience=2)
     info = fine_tune(
-        model=model, tokenizer=tok, pairs=pairs, out_dir=tmp_path / "m", settings=settings, callbacks=[callback]
+        model=model,
+        tokenizer=tok,
+        pairs=pairs,
+        out_dir=tmp_path / "m",
+        settings=settings,
+        callbacks=[callback],
     )
     # Scored at steps 5, 10 (best), 15 and 20 (two without a new best: stop); step 10's weights exported.
     assert info["selection"]["best_step"] == 10 and info["selection"]["steps_trained"] == 20
@@ -65,14 +70,23 @@ def test_m_step_and_sft_select_on_validation(make_cfg, easy_arith):
 
 
 def test_selection_settings_are_checked(make_cfg):
-    with pytest.raises(ValueError, match="trainer.select.every > 0 scores the model in the training process"):
-        validate(make_cfg("trainer.select.every=5", "trainer.devices=2"))
-    with pytest.raises(ValueError, match="trainer.select.every > 0 scores the model in the training process"):
-        validate(make_cfg("trainer.select.every=5", "trainer=ddp"))
+    from factory.config import check_select_in_one_process
+
+    one_process = "trainer.select.every > 0 scores the model in the training process"
+    for trainer in ("trainer.devices=2", "trainer=ddp", "trainer=fsdp"):
+        cfg = make_cfg("trainer.select.every=5", trainer)
+        validate(cfg)  # composes (e.g. --cfg job); the fit refuses when it starts
+        with pytest.raises(ValueError, match=one_process):
+            check_select_in_one_process(cfg.trainer)
+    check_select_in_one_process(make_cfg("trainer.select.every=5").trainer)
     with pytest.raises(ValueError, match="trainer.select.every must be >= 0"):
         validate(make_cfg("trainer.select.every=-1"))
-    with pytest.raises(ValueError, match="trainer.select needs patience >= 1"):
+    with pytest.raises(ValueError, match="trainer.select.patience must be >= 1, got 0"):
         validate(make_cfg("trainer.select.every=5", "trainer.select.patience=0"))
+    with pytest.raises(ValueError, match="model.pretrain.select.num_problems must be >= 1, got 0"):
+        validate(make_cfg("model.pretrain.select.every=5", "model.pretrain.select.num_problems=0"))
+    with pytest.raises(ValueError, match="model.pretrain.select.every must be >= 0"):
+        validate(make_cfg("model.pretrain.select.every=-3"))
 
 
 def test_what_m_step_selection_scores_with_is_an_input_of_the_model_stage(make_cfg, monkeypatch):

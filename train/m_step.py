@@ -36,16 +36,23 @@ def train_from_base(
         extra_info["inputs"] = inputs
     select = cfg.trainer.get("select")
     if select is not None and select.every > 0:
-        return fine_tune_base(
-            base_path=base_path,
-            pairs=pairs,
-            out_dir=out_dir,
-            settings=cfg.trainer,
-            export_dtype=cfg.model.dtype,
-            desc=desc,
-            extra_info=extra_info,
-            callbacks=[selection_callback(cfg, base_path)],
-        )
+        from factory.config import check_select_in_one_process
+
+        check_select_in_one_process(cfg.trainer)
+        callback, task = selection_callback(cfg, base_path)
+        try:
+            return fine_tune_base(
+                base_path=base_path,
+                pairs=pairs,
+                out_dir=out_dir,
+                settings=cfg.trainer,
+                export_dtype=cfg.model.dtype,
+                desc=desc,
+                extra_info=extra_info,
+                callbacks=[callback],
+            )
+        finally:
+            task.close()  # the verifier's pool or sandbox the scoring used
     kwargs = {
         "base_path": base_path,
         "pairs": pairs,
@@ -59,7 +66,7 @@ def train_from_base(
 
 
 def selection_callback(cfg: DictConfig, base_path):
-    """``trainer.select``: greedy accuracy on the first ``num_problems`` validation problems every
+    """(callback, task to close after the fit) for ``trainer.select``: greedy accuracy on the first ``num_problems`` validation problems every
     ``every`` steps; the best weights are exported and the fit stops after ``patience`` scorings without
     a new best (``train.selection.BestOnValidation``; its history goes into the model's ``stage.json``)."""
     from factory.models import load_tokenizer
@@ -70,12 +77,14 @@ def selection_callback(cfg: DictConfig, base_path):
     task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
     problems = validation_problems(task, int(select.num_problems))
     if not problems:
+        task.close()
         raise ValueError("config error: trainer.select.every > 0 but the task has no validation problems")
-    return BestOnValidation(
+    callback = BestOnValidation(
         greedy_accuracy(task, problems, load_tokenizer(base_path), cfg),
         every=int(select.every),
         patience=int(select.patience),
     )
+    return callback, task
 
 
 def run(cfg: DictConfig) -> dict:

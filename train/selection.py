@@ -111,6 +111,7 @@ def greedy_accuracy(task, problems: list[dict], tokenizer, cfg):
     """A score function for :class:`BestOnValidation`: the share of ``problems`` a model answers right with
     greedy decoding, generated as the evaluation generates (``eval.max_new_tokens``, the task's and the
     sampler's stop strings) and judged on the final answer."""
+    from factory.judge import judge
     from factory.sampling.completions import merge_stops, task_stop_strings
     from factory.sampling.hf import generate
 
@@ -129,7 +130,8 @@ def greedy_accuracy(task, problems: list[dict], tokenizer, cfg):
             stop=stop,
             progress=False,
         )
-        verdicts = task.verify(problems, [o[0]["completion"] for o in outputs], strictness="answer")
+        # The evaluation's guarded judge: a runaway or non-UTF-8 completion is wrong, not a crash.
+        verdicts = judge(task, problems, [o[0]["completion"] for o in outputs], strictness="answer")
         return sum(v["reward"] > 0 for v in verdicts) / len(verdicts)
 
     return score
