@@ -145,6 +145,7 @@ def _pretrain_with(cfg: DictConfig, task, out_dir: Path) -> None:
                 greedy_accuracy(task, problems, tokenizer, cfg),
                 every=int(select.every),
                 patience=int(select.patience),
+                min_steps=int(select.min_steps),
             )
         )
     fine_tune(

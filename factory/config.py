@@ -109,6 +109,7 @@ class SelectConfig:
     every: int = 0  # optimizer steps between greedy scorings of the validation problems
     patience: int = 3  # stop after this many scorings without a new best
     num_problems: int = 200  # first N problems of the task's validation split
+    min_steps: int = 0  # no scoring (so no pick, no stop) before this step: early noisy peaks don't count
 
 
 @dataclass
@@ -338,6 +339,11 @@ def validate(cfg: DictConfig) -> None:
     if pretrain_select.every < 0:
         raise ValueError(
             f"config error: model.pretrain.select.every must be >= 0 (0 = off), got {pretrain_select.every}"
+        )
+    if pretrain_select.min_steps < 0 or (select_min := cfg.trainer.select.min_steps) < 0:
+        raise ValueError(
+            "config error: model.pretrain.select.min_steps and trainer.select.min_steps must be >= 0, got "
+            f"{pretrain_select.min_steps} and {select_min}"
         )
     for key in ("patience", "num_problems"):
         if pretrain_select.every > 0 and pretrain_select[key] < 1:

@@ -50,6 +50,24 @@ def test_best_weights_are_kept_and_the_fit_stops_at_the_plateau(tmp_path, tiny_m
     assert all(torch.equal(v, best[k]) for k, v in model.state_dict().items())
 
 
+def test_no_scoring_before_min_steps(tmp_path, tiny_model_and_tokenizer):
+    """An early lucky peak cannot be picked or stop the fit: steps before min_steps are not scored."""
+    model, tok = tiny_model_and_tokenizer
+    scores = iter([0.2, 0.1, 0.15, 0.12])
+    pairs = [{"prompt": f"Q: {i}+1?\nA: ", "completion": f"{i}+1={i + 1}. Answer: {i + 1}"} for i in range(8)]
+    settings = OmegaConf.merge(
+        OmegaConf.structured(TrainerConfig),
+        {"max_steps": 30, "batch_size": 4, "lr": 3e-3, "warmup_steps": 2, "progress_bar": False},
+    )
+    callback = BestOnValidation(lambda m: next(scores), every=5, patience=2, min_steps=15)
+    info = fine_tune(
+        model=copy.deepcopy(model), tokenizer=tok, pairs=pairs, out_dir=tmp_path / "m", settings=settings,
+        callbacks=[callback],
+    )  # fmt: skip
+    assert [s for s, _ in info["selection"]["history"]] == [15, 20, 25]  # 15 best, then 2 without: stop
+    assert info["selection"]["best_step"] == 15 and info["selection"]["steps_trained"] == 25
+
+
 def test_m_step_and_sft_select_on_validation(make_cfg, easy_arith):
     cfg = make_cfg(
         *easy_arith,

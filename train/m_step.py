@@ -83,6 +83,7 @@ def selection_callback(cfg: DictConfig, base_path):
         greedy_accuracy(task, problems, load_tokenizer(base_path), cfg),
         every=int(select.every),
         patience=int(select.patience),
+        min_steps=int(select.min_steps),
     )
     return callback, task
 

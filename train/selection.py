@@ -22,7 +22,7 @@ class BestOnValidation(L.Callback):
     """Every ``every`` optimizer steps, scores the model with ``score_fn(model) -> float`` (higher is
     better), keeps a copy of the best weights, stops the fit after ``patience`` scores without an
     improvement of more than ``min_delta``, and loads the best weights back into the model when the fit
-    ends. The score history, the best score and its step go into :attr:`summary`.
+    ends. Steps before ``min_steps`` are not scored (the last step always is). The score history, the best score and its step go into :attr:`summary`.
 
     The state (history, best weights) is saved in Lightning checkpoints, so a resumed fit selects exactly
     as an uninterrupted one does.
@@ -35,6 +35,7 @@ class BestOnValidation(L.Callback):
         every: int,
         patience: int,
         min_delta: float = 0.0,
+        min_steps: int = 0,
     ):
         if every < 1 or patience < 1:
             raise ValueError(f"every and patience must be >= 1, got every={every}, patience={patience}")
@@ -42,6 +43,7 @@ class BestOnValidation(L.Callback):
         self.every = every
         self.patience = patience
         self.min_delta = min_delta
+        self.min_steps = min_steps
         self.history: list[tuple[int, float]] = []
         self.best_score: float | None = None
         self.best_step: int | None = None
@@ -74,6 +76,8 @@ class BestOnValidation(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # global_step counts optimizer steps: score once per step, after its last accumulation round.
+        if trainer.global_step < self.min_steps:
+            return  # an early checkpoint can score a noisy peak (a lucky frequent answer) and stop the fit
         if trainer.global_step % self.every == 0 and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
             self._score(trainer, pl_module.model)
 
