@@ -340,11 +340,9 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(
             f"config error: model.pretrain.select.every must be >= 0 (0 = off), got {pretrain_select.every}"
         )
-    if pretrain_select.min_steps < 0 or (select_min := cfg.trainer.select.min_steps) < 0:
-        raise ValueError(
-            "config error: model.pretrain.select.min_steps and trainer.select.min_steps must be >= 0, got "
-            f"{pretrain_select.min_steps} and {select_min}"
-        )
+    for key in ("model.pretrain.select.min_steps", "trainer.select.min_steps"):
+        if OmegaConf.select(cfg, key) < 0:
+            raise ValueError(f"config error: {key} must be >= 0, got {OmegaConf.select(cfg, key)}")
     for key in ("patience", "num_problems"):
         if pretrain_select.every > 0 and pretrain_select[key] < 1:
             raise ValueError(

@@ -105,6 +105,9 @@ def test_selection_settings_are_checked(make_cfg):
         validate(make_cfg("model.pretrain.select.every=5", "model.pretrain.select.num_problems=0"))
     with pytest.raises(ValueError, match="model.pretrain.select.every must be >= 0"):
         validate(make_cfg("model.pretrain.select.every=-3"))
+    for key in ("model.pretrain.select.min_steps", "trainer.select.min_steps"):
+        with pytest.raises(ValueError, match=f"{key} must be >= 0, got -1"):
+            validate(make_cfg(f"{key}=-1"))
 
 
 def test_what_m_step_selection_scores_with_is_an_input_of_the_model_stage(make_cfg, monkeypatch):
