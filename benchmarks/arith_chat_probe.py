@@ -116,22 +116,7 @@ def main() -> None:
                 json.dumps({"wording": key, "n": len(validation), **summary, "s": round(time.time() - t0)}),
                 flush=True,
             )
-            for p, c, v, sv in zip(
-                validation, completions, score["verdicts"], score["steps_verdicts"], strict=True
-            ):
-                rows.append(
-                    {
-                        "wording": key,
-                        "temperature": 0.0,
-                        "problem_id": p["problem_id"],
-                        "gold": p["answer"],
-                        "completion": c,
-                        "status": v["status"],
-                        "detail": v["detail"],
-                        "steps": sv["status"],
-                        "steps_detail": sv["detail"],
-                    }
-                )
+            rows += _rows(key, 0.0, validation, completions, score)
             _append(args.out, rows)
         prompts = [format_chat_prompt(p, tokenizer, instruction=WORDINGS[args.sample_wording]) for p in train]
         t0 = time.time()
@@ -167,21 +152,26 @@ def main() -> None:
             }
         )
     )
-    for p, c, v, sv in zip(flat_problems, flat, score["verdicts"], score["steps_verdicts"], strict=True):
-        rows.append(
-            {
-                "wording": args.sample_wording,
-                "temperature": args.temperature,
-                "problem_id": p["problem_id"],
-                "gold": p["answer"],
-                "completion": c,
-                "status": v["status"],
-                "detail": v["detail"],
-                "steps": sv["status"],
-                "steps_detail": sv["detail"],
-            }
-        )
+    rows += _rows(args.sample_wording, args.temperature, flat_problems, flat, score)
     _append(args.out, rows)
+
+
+def _rows(wording: str, temperature: float, problems, completions, score: dict) -> list[dict]:
+    """One JSONL row per judged completion: the answer verdict and the steps verdict side by side."""
+    return [
+        {
+            "wording": wording,
+            "temperature": temperature,
+            "problem_id": p["problem_id"],
+            "gold": p["answer"],
+            "completion": c,
+            "status": v["status"],
+            "detail": v["detail"],
+            "steps": sv["status"],
+            "steps_detail": sv["detail"],
+        }
+        for p, c, v, sv in zip(problems, completions, score["verdicts"], score["steps_verdicts"], strict=True)
+    ]
 
 
 def _append(path: Path, rows: list[dict]) -> None:

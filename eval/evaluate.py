@@ -6,6 +6,8 @@ Writes ``metrics.json`` and ``per_problem.parquet`` into the stage folder.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import time
 from pathlib import Path
@@ -67,24 +69,17 @@ def evaluate_model(
             greedy = vllm.generate(prompts, seeds=[0] * len(prompts), **greedy_kw)
             kill_point("eval.generate")
             sampled = vllm.generate(prompts, **sampled_kw)
-    elif sampler_settings is not None and int(sampler_settings.get("workers") or 1) > 1:
-        with worker_pool(sampler_settings) as pool:
-            common = {"tokenizer": tokenizer, "dtype": dtype}
-            greedy = pool.generate(
-                model_path, prompts, batch_size=batch * n, desc=f"{label} greedy", **common, **greedy_kw
-            )
-            kill_point("eval.generate")
-            sampled = pool.generate(
-                model_path, prompts, batch_size=batch, desc=f"{label} pass@k", **common, **sampled_kw
-            )
     else:
-        model = load_policy(model_path, dtype=dtype)
-        # Greedy calls carry one sequence per prompt: as many sequences per call as sampled ones.
-        greedy = generate(
-            model, tokenizer, prompts, batch_size=batch * n, desc=f"{label} greedy", **greedy_kw
-        )
-        kill_point("eval.generate")
-        sampled = generate(model, tokenizer, prompts, batch_size=batch, desc=f"{label} pass@k", **sampled_kw)
+        with contextlib.ExitStack() as stack:
+            if sampler_settings is not None and int(sampler_settings.get("workers") or 1) > 1:
+                pool = stack.enter_context(worker_pool(sampler_settings))  # loads model_path per worker
+                hf = functools.partial(pool.generate, model_path, tokenizer=tokenizer, dtype=dtype)
+            else:
+                hf = functools.partial(generate, load_policy(model_path, dtype=dtype), tokenizer)
+            # Greedy calls carry one sequence per prompt: as many sequences per call as sampled ones.
+            greedy = hf(prompts, batch_size=batch * n, desc=f"{label} greedy", **greedy_kw)
+            kill_point("eval.generate")
+            sampled = hf(prompts, batch_size=batch, desc=f"{label} pass@k", **sampled_kw)
     # The E-step's guarded judge: a runaway or non-UTF-8 completion is a wrong answer, not a crash.
     greedy_verdicts = judge(task, problems, [g[0]["completion"] for g in greedy], strictness="answer")
     flat_problems = [p for p, s in zip(problems, sampled, strict=True) for _ in s]

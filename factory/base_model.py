@@ -162,7 +162,9 @@ def _pretrain_with(cfg: DictConfig, task, out_dir: Path) -> None:
 
 
 def _selection_problems(cfg: DictConfig, task) -> list[dict]:
-    return task.load_problems(split="validation", limit=int(cfg.model.pretrain.select.num_problems))
+    from train.selection import validation_problems
+
+    return validation_problems(task, int(cfg.model.pretrain.select.num_problems))
 
 
 def _selection_fingerprint(cfg: DictConfig, task) -> dict | None:

@@ -34,25 +34,6 @@ def train_from_base(
     extra_info = {"base_model": str(base_path)}
     if inputs is not None:
         extra_info["inputs"] = inputs
-    select = cfg.trainer.get("select")
-    if select is not None and select.every > 0:
-        from factory.config import check_select_in_one_process
-
-        check_select_in_one_process(cfg.trainer)
-        callback, task = selection_callback(cfg, base_path)
-        try:
-            return fine_tune_base(
-                base_path=base_path,
-                pairs=pairs,
-                out_dir=out_dir,
-                settings=cfg.trainer,
-                export_dtype=cfg.model.dtype,
-                desc=desc,
-                extra_info=extra_info,
-                callbacks=[callback],
-            )
-        finally:
-            task.close()  # the verifier's pool or sandbox the scoring used
     kwargs = {
         "base_path": base_path,
         "pairs": pairs,
@@ -62,12 +43,22 @@ def train_from_base(
         "desc": desc,
         "extra_info": extra_info,
     }
+    select = cfg.trainer.get("select")
+    if select is not None and select.every > 0:
+        from factory.config import check_select_in_one_process
+
+        check_select_in_one_process(cfg.trainer)
+        callback, task = selection_callback(cfg, base_path)
+        try:
+            return fine_tune_base(**kwargs, callbacks=[callback])
+        finally:
+            task.close()  # the verifier's pool or sandbox the scoring used
     return launch_fit(**kwargs) if needs_launch(cfg.trainer) else fine_tune_base(**kwargs)
 
 
 def selection_callback(cfg: DictConfig, base_path):
-    """(callback, task to close after the fit) for ``trainer.select``: greedy accuracy on the first ``num_problems`` validation problems every
-    ``every`` steps; the best weights are exported and the fit stops after ``patience`` scorings without
+    """(callback, task to close after the fit) for ``trainer.select``: greedy accuracy on the first
+    ``num_problems`` validation problems every ``every`` steps; the best weights are exported and the fit stops after ``patience`` scorings without
     a new best (``train.selection.BestOnValidation``; its history goes into the model's ``stage.json``)."""
     from factory.models import load_tokenizer
     from factory.tasks import build_task
