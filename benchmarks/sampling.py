@@ -3,15 +3,17 @@ libraries as references (transformers ``generate``, ``vllm.LLM.generate``), in o
 
 Run (``make bench``):
     .venv/bin/python benchmarks/sampling.py                      # the demo's E-step on CPU
-    .venv/bin/python benchmarks/sampling.py --problems 2000      # the whole demo E-step (2,000 x 8)
+    .venv/bin/python benchmarks/sampling.py --problems 10000 --samples 2   # the demo's E-step (10,000 x 2)
     .venv/bin/python benchmarks/sampling.py --model /work/models/SmolLM2-135M-Instruct   # a real model
     .venv/bin/python benchmarks/sampling.py --gpu                # Qwen2.5-0.5B-shaped random model, CUDA
 The CPU mode samples the demo's training problems with its cached base model (T=0.8, top-k 40, 64 new
 tokens). ``--model`` samples GSM8K training problems as chat prompts with a real checkpoint (default 32
 problems x 4 samples, up to 256 new tokens, T=0.8, top-k 40, the model's end-of-turn ids) and adds the
 ``vllm-plain`` reference; ``--batch-size`` and ``--generate-batch-sizes`` take comma lists of prompts per
-call for our loop and for transformers ``generate`` (each at its fastest size is what the ratio compares). ``--gpu`` samples 256 random 128-token prompts, 256 new tokens each, with
-a randomly initialised model of Qwen2.5-0.5B's shape (no download). vLLM engines start in processes of
+call for our loop and for transformers ``generate`` (each at its fastest size is what the ratio compares);
+``--workers N`` adds our loop spread over N processes (``sampler.workers=N``). ``--gpu`` samples 256
+random 128-token prompts, 256 new tokens each, with a randomly initialised model of Qwen2.5-0.5B's shape
+(no download). vLLM engines start in processes of
 their own before the first round; their start-up is timed apart and excluded from tok/s. ``--rounds N``
 runs every backend N times, alternating their order, so that a shared machine's drifting load hits all
 of them alike. Record results in docs/benchmarks.md.
@@ -54,7 +56,7 @@ def demo_workload(args) -> Workload:
     from factory.tasks import build_task
     from factory.tokens import stop_token_ids
 
-    cfg = compose()
+    cfg = compose(["experiment=arith_demo"])
     path = ensure_base_model(cfg)
     tok = load_tokenizer(path)
     task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
@@ -185,6 +187,37 @@ def _vllm_settings(dtype: str):
     return OmegaConf.structured(VllmSamplerConfig(dtype=dtype))
 
 
+class HfWorkers:
+    """Our HF sampler spread over ``sampler.workers`` processes (``factory.sampling.workers``), as the E-step
+    and eval run it with ``sampler.workers=N``; starting the processes and loading the model in each is
+    timed apart, like a vLLM engine's start-up."""
+
+    def __init__(self, w: Workload, *, samples: int, batch_size: int, workers: int):
+        from factory.sampling.workers import GenerationWorkers
+
+        self.w, self.samples, self.batch_size = w, samples, batch_size
+        self.name = f"hf (factory.sampling.hf), {workers} processes, {batch_size} prompts per call"
+        start = time.perf_counter()
+        self.pool = GenerationWorkers(workers)
+        self._call(self.w.prompts[:workers], self.w.seeds[:workers], 1, {**w.sampling, "max_new_tokens": 2})
+        self.startup = time.perf_counter() - start
+
+    def _call(self, prompts, seeds, batch_size, sampling):
+        w = self.w
+        return self.pool.generate(
+            w.path, prompts, tokenizer=w.tok, dtype=w.dtype, batch_size=batch_size, num_samples=self.samples,
+            seeds=seeds, stop=w.stop, stop_token_ids=w.stop_ids, progress=False, **sampling,
+        )  # fmt: skip
+
+    def run(self) -> tuple[int, float]:
+        start = time.perf_counter()
+        out = self._call(self.w.prompts, self.w.seeds, self.batch_size, self.w.sampling)
+        return sum(s["num_tokens"] for per in out for s in per), time.perf_counter() - start
+
+    def close(self) -> None:
+        self.pool.close()
+
+
 class OurVllm:
     """Our backend (``VllmSampler``: requests built here, sent to its process, completions decoded here)."""
 
@@ -310,6 +343,10 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=128, help="--gpu: prompt length")
     parser.add_argument("--new-tokens", type=int, default=None, help="--gpu/--model: new tokens (256)")
     parser.add_argument(
+        "--workers", type=int, default=0, help="also time our HF sampler over this many processes "
+        "(sampler.workers), at each --batch-size",
+    )  # fmt: skip
+    parser.add_argument(
         "--rounds", type=int, default=1, help="rounds of every backend, alternating their order (a shared "
         "machine's load drifts); batch-size sweeps run in round 1, later rounds use the fastest size",
     )  # fmt: skip
@@ -332,6 +369,10 @@ def main() -> None:
                 runners[f"hf (factory.sampling.hf), {size} prompts per call"] = functools.partial(
                     time_hf, w, samples=samples, batch_size=size
                 )
+                if args.workers > 1 and len(w.prompts) >= size * args.workers:  # a batch for each
+                    pool = HfWorkers(w, samples=samples, batch_size=size, workers=args.workers)
+                    engines.append(pool)
+                    runners[pool.name] = pool.run
         elif backend == "generate":
             for size in gen_batches:
                 name = f"transformers generate{' (static cache)' if static else ''}, {size} prompts per call"
