@@ -147,10 +147,12 @@ class SamplerConfig:
     seed: int = 0  # sample j of a problem is seeded with derive_seed(seed, problem_id) + j
     stop: list[str] = field(default_factory=list)  # strings that end a completion (cut before them)
     cache: bool = True  # reuse samples of the same policy/problems/settings (factory/sample_cache.py)
-    # HF backend only (vLLM ignores both): sampling processes on this machine (factory/sampling/workers.py).
+    # HF backend only (vLLM ignores it): sampling processes on this machine (factory/sampling/workers.py).
     # Any count draws the same samples; on a CPU, one process per core beats one process with 2 threads.
     workers: int = 1
-    threads: int | None = None  # torch threads per worker process; null: the cores divided by workers
+    # Torch threads per HF worker process (null: the cores divided by workers), or of vLLM's CPU engine
+    # (null: every core; vLLM alone would use 1). GPU vLLM engines ignore it.
+    threads: int | None = None
 
 
 @dataclass

@@ -148,6 +148,7 @@ def vllm_engine_options(settings: DictConfig) -> tuple[dict, str]:
     engine_keys = set(VllmSamplerConfig.__dataclass_fields__) - set(SamplerConfig.__dataclass_fields__)
     values = OmegaConf.to_container(settings, resolve=True)
     options = {k: values[k] for k in engine_keys if k in values}
+    options["threads"] = values.get("threads")  # a CPU engine's torch threads (null: every core)
     return options, options.pop("dtype", "auto")
 
 

@@ -290,3 +290,23 @@ def test_evaluation_in_worker_processes_reports_what_one_process_reports(tmp_pat
         results.append((metrics, pl.read_parquet(out / "per_problem.parquet")))
     (m1, rows1), (m2, rows2) = results
     assert m1 == m2 and rows1.equals(rows2) and rows1.height == 6
+
+
+def test_a_cpu_vllm_engine_gets_every_core_unless_sampler_threads_says(monkeypatch):
+    """vLLM's CPU build serves on 1 torch thread by itself; the engine process sets sampler.threads
+    (null: every core) before vLLM starts. GPU engines keep vLLM's own setting."""
+    import os
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from factory.config import VllmSamplerConfig
+    from factory.sample import vllm_engine_options
+    from factory.sampling.vllm_backend import engine_threads
+
+    default, _ = vllm_engine_options(OmegaConf.structured(VllmSamplerConfig()))
+    one, _ = vllm_engine_options(OmegaConf.structured(VllmSamplerConfig(threads=1)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engine_threads(default) == os.cpu_count() and engine_threads(one) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert engine_threads(default) is None and engine_threads(one) is None
