@@ -3,7 +3,8 @@ libraries as references (transformers ``generate``, ``vllm.LLM.generate``), in o
 
 Run (``make bench``):
     .venv/bin/python benchmarks/sampling.py                      # the demo's E-step on CPU
-    .venv/bin/python benchmarks/sampling.py --problems 10000 --samples 2   # the demo's E-step (10,000 x 2)
+    .venv/bin/python benchmarks/sampling.py --problems 10000 --samples 2 --batch-size 32 --workers 2
+        # the demo's E-step sizes (10,000 x 2, 32 prompts per call, 2 processes; at T=0.8, the demo's is 1.0)
     .venv/bin/python benchmarks/sampling.py --model /work/models/SmolLM2-135M-Instruct   # a real model
     .venv/bin/python benchmarks/sampling.py --gpu                # Qwen2.5-0.5B-shaped random model, CUDA
 The CPU mode samples the demo's training problems with its cached base model (T=0.8, top-k 40, 64 new
@@ -344,7 +345,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="--gpu/--model: new tokens (256)")
     parser.add_argument(
         "--workers", type=int, default=0, help="also time our HF sampler over this many processes "
-        "(sampler.workers), at each --batch-size",
+        "(sampler.workers), at each --batch-size that gives every process at least one batch",
     )  # fmt: skip
     parser.add_argument(
         "--rounds", type=int, default=1, help="rounds of every backend, alternating their order (a shared "

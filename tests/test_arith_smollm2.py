@@ -22,7 +22,6 @@ from factory.config import compose
 from factory.faults import KILL_ENV
 from factory.rundir import RunDir, read_json
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -74,6 +73,7 @@ def test_the_recipe_composes_for_a_real_model():
     assert cfg.trainer.lr <= 5e-5 and cfg.loop.sft_baseline
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes(smollm2_dir, tmp_path):
     overrides = _overrides(smollm2_dir, tmp_path)
     run = RunDir(compose(overrides).paths.run_dir)

@@ -293,8 +293,8 @@ def test_evaluation_in_worker_processes_reports_what_one_process_reports(tmp_pat
 
 
 def test_a_cpu_vllm_engine_gets_every_core_unless_sampler_threads_says(monkeypatch):
-    """vLLM's CPU build serves on 1 torch thread by itself; the engine process sets sampler.threads
-    (null: every core) before vLLM starts. GPU engines keep vLLM's own setting."""
+    """vLLM's CPU build serves on 1 torch thread by itself; the engine gets sampler.threads, else
+    $OMP_NUM_THREADS, else every core this process may use. GPU engines keep vLLM's own setting."""
     import os
 
     import torch
@@ -307,6 +307,38 @@ def test_a_cpu_vllm_engine_gets_every_core_unless_sampler_threads_says(monkeypat
     default, _ = vllm_engine_options(OmegaConf.structured(VllmSamplerConfig()))
     one, _ = vllm_engine_options(OmegaConf.structured(VllmSamplerConfig(threads=1)))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert engine_threads(default) == os.cpu_count() and engine_threads(one) == 1
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert engine_threads(default) == len(os.sched_getaffinity(0)) and engine_threads(one) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert engine_threads(default) == 3 and engine_threads(one) == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert engine_threads(default) is None and engine_threads(one) is None
+
+
+def test_the_engine_process_sets_its_threads_before_vllm_starts(monkeypatch, tmp_path):
+    """build_engine (in the engine's own process) sets OMP_NUM_THREADS, which vLLM reads when it starts,
+    and torch's thread count, before it builds the engine (a stand-in ``vllm`` module records both)."""
+    import os
+    import sys
+    import types
+
+    import torch
+
+    from factory.sampling.vllm_backend import build_engine
+
+    seen = []
+
+    class LLM:
+        def __init__(self, **kwargs):
+            seen.append((os.environ.get("OMP_NUM_THREADS"), torch.get_num_threads()))
+
+    monkeypatch.setitem(sys.modules, "vllm", types.SimpleNamespace(LLM=LLM))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # restored afterwards, like the variables below
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    before = torch.get_num_threads()
+    try:
+        build_engine(str(tmp_path), dtype="float32", seed=0, options={"threads": 1})
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [("1", 1)]

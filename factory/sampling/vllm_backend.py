@@ -178,14 +178,23 @@ def build_engine(model: str, *, dtype: str, seed: int, options: dict):
 
 
 def engine_threads(options: dict) -> int | None:
-    """Torch threads of a CPU engine: ``threads`` (``sampler.threads``), else every core of the machine;
-    None on a GPU machine (vLLM's own setting). vLLM's CPU build would serve on 1 thread: on the 2-core
-    VM, 2 threads sample SmolLM2 1.65x faster (docs/benchmarks.md)."""
+    """Torch threads of a CPU engine: ``threads`` (``sampler.threads``); else ``$OMP_NUM_THREADS`` when
+    set; else every core this process may run on (its CPU affinity: a container's or a batch job's
+    share, not the whole machine). None on a GPU machine (vLLM's own setting). vLLM's CPU build alone
+    would serve on 1 thread: on the 2-core VM, 2 threads sample SmolLM2 1.65x faster (docs/benchmarks.md).
+    """
     import torch
 
     if torch.cuda.is_available():
         return None
-    return int(options.get("threads") or os.cpu_count() or 1)
+    if options.get("threads"):
+        return int(options["threads"])
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return int(os.environ["OMP_NUM_THREADS"])
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _serve(conn, kwargs: dict) -> None:
