@@ -66,9 +66,10 @@ def evaluate_model(
     }
     if sampler_settings is not None and sampler_settings.backend == "vllm":
         with open_vllm(model_path, tokenizer=tokenizer, settings=sampler_settings) as vllm:
-            greedy = vllm.generate(prompts, seeds=[0] * len(prompts), **greedy_kw)
+            # One request each (vLLM schedules it whole); its own bar shows the prompts done.
+            greedy = vllm.generate(prompts, seeds=[0] * len(prompts), progress=True, **greedy_kw)
             kill_point("eval.generate")
-            sampled = vllm.generate(prompts, **sampled_kw)
+            sampled = vllm.generate(prompts, progress=True, **sampled_kw)
     else:
         with contextlib.ExitStack() as stack:
             if sampler_settings is not None and int(sampler_settings.get("workers") or 1) > 1:

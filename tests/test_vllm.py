@@ -93,7 +93,9 @@ def test_e_step_shards_with_vllm(tmp_path, vllm_sampler, tiny_model_and_tokenize
 
 
 @pytest.mark.slow
-def test_e_step_and_eval_start_their_own_vllm_process(tmp_path, tiny_model_dir, vllm_sampler, make_cfg):
+def test_e_step_and_eval_start_their_own_vllm_process(
+    tmp_path, tiny_model_dir, vllm_sampler, make_cfg, capfd
+):
     """The stage path: sample_problems and evaluate_model start (and stop) vLLM on the policy folder; the
     samples equal those of the session's engine and eval's greedy results equal the HF backend's."""
     from eval.evaluate import evaluate_model
@@ -132,6 +134,8 @@ def test_e_step_and_eval_start_their_own_vllm_process(tmp_path, tiny_model_dir, 
     }
     assert greedy["hf"] == greedy["vllm"]
     assert results["hf"]["greedy_accuracy"] == results["vllm"]["greedy_accuracy"]
+    # The vLLM eval shows its progress (vLLM's own bar, written by the engine's process to stderr).
+    assert "Processed prompts" in capfd.readouterr().err
 
 
 class _Spy:

@@ -71,11 +71,12 @@ class VllmSampler:
         seeds: list[int],
         stop: list[str] | tuple[str, ...] = (),
         stop_token_ids: list[int] | None = None,
+        progress: bool = False,
     ) -> list[list[dict]]:
         """Samples like ``factory.sampling.hf.generate`` (same arguments and result, sample j of prompt i
         seeded with ``seeds[i] + j``, prompts with one BOS, stopping at every id of ``stop_token_ids``,
         default the model's ``factory.tokens.stop_token_ids``); the whole list goes to vLLM at once,
-        which schedules it."""
+        which schedules it. ``progress``: vLLM's own progress bar (prompts done), on stderr."""
         from factory.tokens import encode_prompts
 
         k = 1 if temperature == 0 else num_samples
@@ -90,6 +91,7 @@ class VllmSampler:
             "seeds": [int(s) for s in seeds],
             "stop": list(stop),
             "stop_token_ids": [int(t) for t in stop_ids],
+            "progress": bool(progress),
         }
         self._conn.send(("generate", request))
         rows = self._receive()
@@ -239,5 +241,5 @@ def _generate(llm, request: dict) -> list[list[list[int]]]:
         for seed in request["seeds"]
     ]
     prompts = [{"prompt_token_ids": ids} for ids in request["prompt_token_ids"]]
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    outputs = llm.generate(prompts, params, use_tqdm=bool(request.get("progress")))
     return [[list(o.token_ids) for o in sorted(out.outputs, key=lambda o: o.index)] for out in outputs]
