@@ -141,12 +141,7 @@ def _pretrain_with(cfg: DictConfig, task, out_dir: Path) -> None:
                 "config error: model.pretrain.select.every > 0 but the task has no validation problems"
             )
         callbacks.append(
-            BestOnValidation(
-                greedy_accuracy(task, problems, tokenizer, cfg),
-                every=int(select.every),
-                patience=int(select.patience),
-                min_steps=int(select.min_steps),
-            )
+            BestOnValidation.from_settings(greedy_accuracy(task, problems, tokenizer, cfg), select)
         )
     fine_tune(
         model=model,

@@ -58,8 +58,9 @@ def train_from_base(
 
 def selection_callback(cfg: DictConfig, base_path):
     """(callback, task to close after the fit) for ``trainer.select``: greedy accuracy on the first
-    ``num_problems`` validation problems every ``every`` steps; the best weights are exported and the fit stops after ``patience`` scorings without
-    a new best (``train.selection.BestOnValidation``; its history goes into the model's ``stage.json``)."""
+    ``num_problems`` validation problems every ``every`` steps; the best weights are exported and the fit
+    stops after ``patience`` scorings without a new best (``train.selection.BestOnValidation``; its history
+    goes into the model's ``stage.json``)."""
     from factory.models import load_tokenizer
     from factory.tasks import build_task
     from train.selection import BestOnValidation, greedy_accuracy, validation_problems
@@ -70,11 +71,8 @@ def selection_callback(cfg: DictConfig, base_path):
     if not problems:
         task.close()
         raise ValueError("config error: trainer.select.every > 0 but the task has no validation problems")
-    callback = BestOnValidation(
-        greedy_accuracy(task, problems, load_tokenizer(base_path), cfg),
-        every=int(select.every),
-        patience=int(select.patience),
-        min_steps=int(select.min_steps),
+    callback = BestOnValidation.from_settings(
+        greedy_accuracy(task, problems, load_tokenizer(base_path), cfg), select
     )
     return callback, task
 

@@ -22,7 +22,8 @@ class BestOnValidation(L.Callback):
     """Every ``every`` optimizer steps, scores the model with ``score_fn(model) -> float`` (higher is
     better), keeps a copy of the best weights, stops the fit after ``patience`` scores without an
     improvement of more than ``min_delta``, and loads the best weights back into the model when the fit
-    ends. Steps before ``min_steps`` are not scored (the last step always is). The score history, the best score and its step go into :attr:`summary`.
+    ends. Steps before ``min_steps`` are not scored (the last step always is). The score history, the
+    best score and its step go into :attr:`summary`.
 
     The state (history, best weights) is saved in Lightning checkpoints, so a resumed fit selects exactly
     as an uninterrupted one does.
@@ -49,6 +50,13 @@ class BestOnValidation(L.Callback):
         self.best_step: int | None = None
         self.best_state: dict[str, torch.Tensor] | None = None
         self.bad = 0
+
+    @classmethod
+    def from_settings(cls, score_fn: Callable[[torch.nn.Module], float], select) -> BestOnValidation:
+        """The callback of a ``select`` config group (``trainer.select``, ``model.pretrain.select``)."""
+        return cls(
+            score_fn, every=int(select.every), patience=int(select.patience), min_steps=int(select.min_steps)
+        )
 
     def _score(self, trainer: L.Trainer, model: torch.nn.Module) -> None:
         step = trainer.global_step
