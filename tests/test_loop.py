@@ -37,6 +37,7 @@ def test_loop_end_to_end_and_rerun_skips(make_cfg, easy_arith, monkeypatch, caps
     report = (run_dir.root / "report.md").read_text()
     assert report.count("|") > 20
     assert "## Verifier audit" in report and "### Examples, iteration 2" in report
+    assert "## Greedy gains with standard errors" in report and "| iteration 2 |" in report
     assert (run_dir.root / "plots" / "summary.png").read_bytes()[:4] == b"\x89PNG"
     assert "| iteration |" in capsys.readouterr().out
     for k in [r["iteration"] for r in summary if isinstance(r["iteration"], int) and r["iteration"] > 0]:

@@ -32,7 +32,10 @@ def _alive(pid: int) -> bool:
 
 def test_a_worker_exits_when_its_parent_is_killed():
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        [sys.executable, "-c", PARENT],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     worker = None
