@@ -88,3 +88,18 @@ def test_fine_tune_learns_and_exports(tmp_path, tiny_model_and_tokenizer):
     assert (tmp_path / "model" / "config.json").exists() and (tmp_path / "model" / "stage.json").exists()
     assert read_json(tmp_path / "model" / "stage.json")["steps"] == 60
     assert not list(tmp_path.glob(".model.tmp-*")), "temporary folder left behind"
+
+
+def test_the_fit_reports_progress_into_a_file(tmp_path, tiny_model_and_tokenizer, capfd):
+    """The M-step's bar writes each step where stdout is a file, not only at the end (Rich's did)."""
+    model, tok = tiny_model_and_tokenizer
+    pairs = [{"prompt": f"Q: {a}+1\nA: ", "completion": f"{a}+1={a + 1}. Answer: {a + 1}"} for a in range(8)]
+    settings = OmegaConf.merge(
+        OmegaConf.structured(TrainerConfig),
+        {"max_steps": 6, "batch_size": 4, "warmup_steps": 1, "progress_bar": True},
+    )
+    fine_tune(
+        model=copy.deepcopy(model), tokenizer=tok, pairs=pairs, out_dir=tmp_path / "m", settings=settings
+    )
+    out = capfd.readouterr().out
+    assert "3/6" in out, f"no intermediate progress in the captured output: {out[-500:]!r}"

@@ -151,7 +151,9 @@ def fine_tune(
         gradient_clip_val=float(settings.grad_clip),
         use_distributed_sampler=False,  # StepBatchSampler gives each rank its share itself
         logger=False,
-        callbacks=checkpoints.callbacks(int(settings.checkpoint_every_n_steps)) + list(callbacks or []),
+        callbacks=checkpoints.callbacks(int(settings.checkpoint_every_n_steps))
+        + progress_bar(settings)
+        + list(callbacks or []),
         enable_checkpointing=bool(settings.checkpoint_every_n_steps),
         enable_model_summary=False,
         enable_progress_bar=bool(settings.progress_bar),
@@ -248,6 +250,18 @@ def fine_tune_base(
         callbacks=callbacks,
         export_dtype=export_dtype,
     )
+
+
+def progress_bar(settings: DictConfig) -> list:
+    """The fit's progress bar: tqdm's, as every other stage's.
+
+    Lightning picks its Rich bar when ``rich`` is installed, and Rich draws nothing into a file or pipe
+    until the fit ends: a run in the background (``restem ... > log``) showed no M-step progress for 23
+    minutes. tqdm writes each update.
+    """
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    return [TQDMProgressBar()] if settings.progress_bar else []
 
 
 def to_fp32(model) -> None:
