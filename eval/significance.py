@@ -2,12 +2,13 @@
 
 A gain of 3 points on 300 problems may be noise. Two models evaluated on the same problems give paired
 results (1 = the greedy answer is correct, 0 = not); the gain's standard error is that of the mean of the
-per-problem differences, sd(d) / sqrt(n), which is smaller than sqrt(SE_a^2 + SE_b^2) when both models
-solve the same easy problems. Both are reported, with the gain in units of the paired SE.
+per-problem differences, sd(d) / sqrt(n), which is smaller than sqrt(SE_a^2 + SE_b^2) when the two
+models' results are positively correlated (both solve the same easy problems), as they usually are. Both are reported, with the gain in units of the paired SE.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -16,6 +17,9 @@ import polars as pl
 from eval.report import SFT_ITERATION, SFT_LABEL
 
 PER_PROBLEM = "per_problem.parquet"
+TITLE = "## Greedy gains with standard errors"
+
+log = logging.getLogger(__name__)
 
 
 def accuracy_se(correct: list[bool]) -> float:
@@ -91,10 +95,11 @@ def format_gains(evals: dict[int | str, Path]) -> str:
     if 0 not in greedy or not iterations:
         return ""
     lines = [
-        "## Greedy gains with standard errors",
+        TITLE,
         "",
         "Paired over the same test problems: gain = mean of (this model correct − the other correct) per "
-        "problem, SE = sd of those differences / √n; the unpaired SE, √(SE₁² + SE₂²), is larger. "
+        "problem, SE = sd of those differences / √n; the unpaired SE, √(SE₁² + SE₂²), is usually larger "
+        "(when both models solve many of the same problems). "
         "*only this / only other*: problems one of the two solves and the other does not.",
         "",
         "| model | greedy | SE | compared with | gain (points) | paired SE | gain / paired SE "
@@ -114,3 +119,13 @@ def format_gains(evals: dict[int | str, Path]) -> str:
                 f"| {100 * g['unpaired_se']:.1f} | {g['a_only']} / {g['b_only']} |"
             )
     return "\n".join(lines) + "\n"
+
+
+def gains_section(evals: dict[int | str, Path]) -> str:
+    """:func:`format_gains` for the end of a run: an evaluation it cannot compare (other problems, a
+    corrupt file) gives a one-line note in the report instead of an error after hours of work."""
+    try:
+        return format_gains(evals)
+    except (ValueError, OSError, pl.exceptions.PolarsError) as err:
+        log.warning("no greedy gains in the report: %s", err)
+        return f"{TITLE}\n\nNot computed: {err}\n"

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 
 from eval.evaluate import evaluate_model
 from eval.report import format_table, write_report
-from eval.significance import format_gains
+from eval.significance import gains_section
 from factory.audit import audit_iteration, format_audit
 from factory.config import hydra_entry, validate
 from factory.rundir import RunDir, read_json, write_json
@@ -94,7 +94,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, task, start: float) -> list[dict]:
         for k in range(1, cfg.loop.iterations + 1)
         if run_dir.is_done(k, "verdicts")
     }
-    gains = format_gains({row["iteration"]: run_dir.stage(row["iteration"], "eval") for row in rows})
+    gains = gains_section({row["iteration"]: run_dir.stage(row["iteration"], "eval") for row in rows})
     paths = write_report(
         rows,
         run_dir.root,

@@ -7,7 +7,7 @@ import math
 import polars as pl
 import pytest
 
-from eval.significance import accuracy_se, format_gains, paired_gain
+from eval.significance import accuracy_se, format_gains, gains_section, paired_gain
 
 
 def test_accuracy_se_is_the_binomial_one():
@@ -59,8 +59,30 @@ def test_format_gains_compares_each_iteration_with_the_base_and_sft(tmp_path):
     assert rows[0].startswith("| iteration 1 | 60.0% | 15.5 | base | +40.0 |")
     assert rows[1].startswith("| iteration 1 | 60.0% | 15.5 | SFT on human data | +30.0 |")
     assert rows[0].endswith("| 4 / 0 |") and rows[1].endswith("| 3 / 0 |")
+    # One whole row: 4 of 10 differences are 1, sd = sqrt(0.4 * 0.6 * 10 / 9), SE = sd / sqrt(10) = 16.3
+    # points; gain / SE = 2.4; unpaired sqrt(0.6 * 0.4 / 10 + 0.2 * 0.8 / 10) = 20.0.
+    assert rows[0] == "| iteration 1 | 60.0% | 15.5 | base | +40.0 | 16.3 | +2.4 | 20.0 | 4 / 0 |"
+
+
+def test_format_gains_shows_no_ratio_when_the_differences_do_not_vary(tmp_path):
+    text = format_gains({0: _eval_dir(tmp_path, "base", 3), 1: _eval_dir(tmp_path, "it1", 3)})
+    assert "| iteration 1 | 30.0% | 14.5 | base | +0.0 | 0.0 | – |" in text
+
+
+def test_paired_gain_needs_two_problems():
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_gain({"a": True}, {"a": False})
 
 
 def test_format_gains_is_empty_without_a_base_or_an_iteration(tmp_path):
     assert format_gains({1: _eval_dir(tmp_path, "it1", 6)}) == ""
     assert format_gains({0: _eval_dir(tmp_path, "base", 2)}) == ""
+
+
+def test_gains_section_notes_what_it_cannot_compare(tmp_path):
+    """Evaluations over other problems, or a corrupt file, give a note in the report, not an error."""
+    other = _eval_dir(tmp_path, "other", 3, n=12)
+    text = gains_section({0: _eval_dir(tmp_path, "base", 2), 1: other})
+    assert "Not computed" in text and "different problems" in text
+    (other / "per_problem.parquet").write_bytes(b"not parquet")
+    assert "Not computed" in gains_section({0: _eval_dir(tmp_path, "base2", 2), 1: other})

@@ -90,8 +90,9 @@ def test_fine_tune_learns_and_exports(tmp_path, tiny_model_and_tokenizer):
     assert not list(tmp_path.glob(".model.tmp-*")), "temporary folder left behind"
 
 
-def test_the_fit_reports_progress_into_a_file(tmp_path, tiny_model_and_tokenizer, capfd):
+def test_the_fit_reports_progress_into_a_file(tmp_path, tiny_model_and_tokenizer, capfd, monkeypatch):
     """The M-step's bar writes each step where stdout is a file, not only at the end (Rich's did)."""
+    monkeypatch.delenv("TQDM_MINITERS", raising=False)  # Lightning would refresh less often
     model, tok = tiny_model_and_tokenizer
     pairs = [{"prompt": f"Q: {a}+1\nA: ", "completion": f"{a}+1={a + 1}. Answer: {a + 1}"} for a in range(8)]
     settings = OmegaConf.merge(

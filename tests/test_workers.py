@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -40,6 +41,8 @@ def test_a_worker_exits_when_its_parent_is_killed():
     )
     worker = None
     try:
+        ready, _, _ = select.select([parent.stdout], [], [], 180)
+        assert ready, "the parent printed no worker pid within 180 s"
         worker = int(parent.stdout.readline())
         assert _alive(worker)
         parent.send_signal(signal.SIGKILL)  # no shutdown, no atexit: the worker is orphaned
@@ -50,5 +53,7 @@ def test_a_worker_exits_when_its_parent_is_killed():
         assert not _alive(worker), f"worker {worker} outlived its killed parent"
     finally:
         parent.kill()
+        parent.wait()
+        parent.stdout.close()
         if worker is not None and _alive(worker):
             os.kill(worker, signal.SIGKILL)
