@@ -3,7 +3,8 @@
 A gain of 3 points on 300 problems may be noise. Two models evaluated on the same problems give paired
 results (1 = the greedy answer is correct, 0 = not); the gain's standard error is that of the mean of the
 per-problem differences, sd(d) / sqrt(n), which is smaller than sqrt(SE_a^2 + SE_b^2) when the two
-models' results are positively correlated (both solve the same easy problems), as they usually are. Both are reported, with the gain in units of the paired SE.
+models' results are positively correlated (both solve the same easy problems), as they usually are.
+Both are reported, with the gain in units of the paired SE.
 """
 
 from __future__ import annotations
@@ -109,12 +110,13 @@ def format_gains(evals: dict[int | str, Path]) -> str:
     others = [0] + ([SFT_ITERATION] if SFT_ITERATION in greedy else [])
     for k in iterations:
         correct = list(greedy[k].values())
-        acc = sum(map(bool, correct)) / len(correct)
+        model = f"| {_label(k)} | {100 * sum(map(bool, correct)) / len(correct):.1f}% "
+        model += f"| {100 * accuracy_se(correct):.1f} "
         for other in others:
             g = paired_gain(greedy[k], greedy[other])
             ratio = f"{g['gain'] / g['paired_se']:+.1f}" if g["paired_se"] > 0 else "–"
             lines.append(
-                f"| {_label(k)} | {100 * acc:.1f}% | {100 * accuracy_se(correct):.1f} | {_label(other)} "
+                f"{model}| {_label(other)} "
                 f"| {100 * g['gain']:+.1f} | {100 * g['paired_se']:.1f} | {ratio} "
                 f"| {100 * g['unpaired_se']:.1f} | {g['a_only']} / {g['b_only']} |"
             )
