@@ -57,3 +57,16 @@ def test_a_worker_exits_when_its_parent_is_killed():
         parent.stdout.close()
         if worker is not None and _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+def test_default_threads_come_from_the_cores_this_process_may_use(monkeypatch):
+    """In a container or a batch job's share the machine has more cores than the process may use: the
+    workers' default threads divide the CPU affinity, not os.cpu_count(), so they never oversubscribe it."""
+    from factory.sampling.workers import GenerationWorkers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    with GenerationWorkers(2) as two, GenerationWorkers(8) as eight:
+        assert (two.threads, eight.threads) == (2, 1)
+    with GenerationWorkers(2, threads=3) as told:
+        assert told.threads == 3

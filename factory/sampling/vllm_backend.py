@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 
 from factory.sampling.completions import finish
+from factory.sampling.cores import usable_cores
 
 
 def is_available() -> bool:
@@ -193,10 +194,7 @@ def engine_threads(options: dict) -> int | None:
         return int(options["threads"])
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return int(os.environ["OMP_NUM_THREADS"])
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    return usable_cores()
 
 
 def _serve(conn, kwargs: dict) -> None:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from factory.sampling.cores import usable_cores
+
 # Per worker process: the model it last loaded, by (path, dtype) (a worker serves one policy at a time).
 _LOADED: dict[tuple[str, str], tuple] = {}
 
@@ -66,8 +68,8 @@ class GenerationWorkers:
 
     Args:
         workers: processes (>= 1).
-        threads: torch threads per process (None: the machine's cores divided by ``workers``, at least 1,
-            so the workers never oversubscribe the cores).
+        threads: torch threads per process (None: the cores this process may use, its CPU affinity,
+            divided by ``workers``, at least 1, so the workers never oversubscribe them).
     """
 
     def __init__(self, workers: int, *, threads: int | None = None):
@@ -75,7 +77,8 @@ class GenerationWorkers:
             raise ValueError(f"config error: sampler.workers must be >= 1, got {workers}")
         self.workers = workers
         if threads is None:
-            threads = max(1, (os.cpu_count() or 1) // workers)
+            threads = max(1, usable_cores() // workers)
+        self.threads = threads
         self._pool = ProcessPoolExecutor(
             max_workers=workers,
             # spawn, not fork: a forked child of a process whose OpenMP threads already ran can hang.
