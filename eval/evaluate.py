@@ -20,6 +20,9 @@ from factory.config import hydra_entry
 from factory.faults import kill_point
 from factory.rundir import atomic_dir, mark_done, write_json
 
+# One row per evaluated problem (read back by eval.significance and eval.sweep_report).
+PER_PROBLEM = "per_problem.parquet"
+
 
 def evaluate_model(
     *,
@@ -120,7 +123,7 @@ def evaluate_model(
     result["model"] = str(model_path)
     result["split"] = settings.split
     with atomic_dir(Path(out_dir)) as tmp:
-        pl.DataFrame(rows).write_parquet(tmp / "per_problem.parquet")
+        pl.DataFrame(rows).write_parquet(tmp / PER_PROBLEM)
         write_json(tmp / "metrics.json", result)
         mark_done(tmp, seconds=result["seconds"], inputs=inputs)
     return result

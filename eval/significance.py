@@ -15,9 +15,9 @@ from pathlib import Path
 
 import polars as pl
 
+from eval.evaluate import PER_PROBLEM
 from eval.report import SFT_ITERATION, SFT_LABEL
 
-PER_PROBLEM = "per_problem.parquet"
 TITLE = "## Greedy gains with standard errors"
 
 log = logging.getLogger(__name__)

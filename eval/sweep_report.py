@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 import yaml
 
+from eval.evaluate import PER_PROBLEM
 from eval.report import MISSING, SFT_ITERATION, SFT_LABEL, _ks, _metric, _pct, _write_text_atomic
 from factory.rundir import read_json
 
@@ -67,7 +68,7 @@ def difficulty_table(run: Path) -> pl.DataFrame | None:
         One row per (bucket, model) with ``bucket``, ``model`` (iteration or sft_human), ``problems`` and
         ``greedy_accuracy``; None when the base model's per-problem results are missing.
     """
-    base_path = run / "iter_0" / "eval" / "per_problem.parquet"
+    base_path = run / "iter_0" / "eval" / PER_PROBLEM
     if not base_path.is_file():
         return None
     base = pl.read_parquet(base_path, columns=["problem_id", "num_correct", "num_samples"])
@@ -76,13 +77,11 @@ def difficulty_table(run: Path) -> pl.DataFrame | None:
     buckets = base.select("problem_id").with_columns(bucket)
     frames = []
     models = sorted(
-        (p.parent.parent.name for p in run.glob("*/eval/per_problem.parquet")),
+        (p.parent.parent.name for p in run.glob(f"*/eval/{PER_PROBLEM}")),
         key=lambda n: (n == SFT_ITERATION, int(n.removeprefix("iter_")) if n.startswith("iter_") else 0),
     )
     for name in models:
-        per = pl.read_parquet(
-            run / name / "eval" / "per_problem.parquet", columns=["problem_id", "greedy_correct"]
-        )
+        per = pl.read_parquet(run / name / "eval" / PER_PROBLEM, columns=["problem_id", "greedy_correct"])
         frames.append(
             per.join(buckets, on="problem_id")
             .group_by("bucket")
