@@ -246,6 +246,16 @@ class LoopConfig:
 
 
 @dataclass
+class LoggerConfig:
+    """Experiment tracking (``logger=tensorboard``; factory/tracking.py): M-step curves and per-iteration
+    yield and eval metrics under one folder of the run. It never changes what is trained or sampled."""
+
+    kind: str = "none"  # none | tensorboard
+    save_dir: str = "${paths.run_dir}/tracking"  # tensorboard --logdir <this>
+    every_n_steps: int = 10  # M-step loss, learning rate and tokens/s every n optimizer steps
+
+
+@dataclass
 class RestemConfig:
     name: str = MISSING
     seed: int = 0
@@ -258,6 +268,7 @@ class RestemConfig:
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 def register_configs() -> None:
@@ -292,6 +303,7 @@ _CHOICES = {
     "task.prompt_style": ("plain", "fewshot", "chat"),
     "eval.split": ("validation", "test"),
     "model.dtype": ("float32", "bfloat16", "float16"),
+    "logger.kind": ("none", "tensorboard"),
 }
 
 
@@ -327,6 +339,7 @@ def validate(cfg: DictConfig) -> None:
         "eval.num_samples",
         "eval.batch_size",
         "snapshot.max_per_problem",
+        "logger.every_n_steps",
     ]
     for key in positive:
         if OmegaConf.select(cfg, key) < 1:

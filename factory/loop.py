@@ -24,6 +24,7 @@ from factory.sample import e_step
 from factory.snapshot import snapshot_stage
 from factory.stage_inputs import StageInputs
 from factory.tasks import build_task
+from factory.tracking import log_row
 from factory.verify import verify_samples
 from train.m_step import train_from_base
 
@@ -73,7 +74,14 @@ def _run(cfg: DictConfig, run_dir: RunDir, task, start: float) -> list[dict]:
             )
         return read_json(run_dir.stage(k, "eval") / "metrics.json")
 
-    rows = [_row(0, evaluate(0), run_dir)]
+    def row(k: int | str) -> dict:
+        """k's summary row, also written to the experiment tracker (``logger``) when there is one."""
+        result = _row(k, evaluate(k), run_dir)
+        manifest = run_dir.stage(k, "dataset") / "manifest.json"
+        log_row(cfg.logger, result, read_json(manifest) if isinstance(k, int) and k > 0 else None)
+        return result
+
+    rows = [row(0)]
     for k in range(1, cfg.loop.iterations + 1):
         try:
             _iteration(cfg, stages, k)
@@ -83,11 +91,11 @@ def _run(cfg: DictConfig, run_dir: RunDir, task, start: float) -> list[dict]:
             if cfg.loop.stop_on_empty_snapshot:
                 break
             continue
-        rows.append(_row(k, evaluate(k), run_dir))
+        rows.append(row(k))
     if cfg.loop.sft_baseline:
         if not stages.is_current("sft_human", "model"):
             _train(cfg, stages, "sft_human", desc="SFT on human data")
-        rows.append(_row("sft_human", evaluate("sft_human"), run_dir))
+        rows.append(row("sft_human"))
     write_json(run_dir.summary, rows)
     audits = {
         k: audit_iteration(samples_dir=run_dir.stage(k, "samples"), verdicts_dir=run_dir.stage(k, "verdicts"))
@@ -153,6 +161,7 @@ def _train(cfg: DictConfig, stages: StageInputs, k: int | str, *, desc: str) -> 
         out_dir=stages.run_dir.stage(k, "model"),
         desc=desc,
         inputs=stages.model(k, pairs),
+        track_as=f"m_step_{k}" if isinstance(k, int) else str(k),
     )
 
 

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from factory.config import check_trainer
 from factory.rundir import atomic_dir, mark_done, write_json
+from factory.tracking import make_logger
 from train.checkpoints import CheckpointResume
 from train.data import PromptCompletionDataModule, num_steps, tokenize_pairs
 from train.module import CausalLMModule
@@ -35,6 +36,7 @@ from train.strategy import (
     is_sharded,
     num_processes,
 )
+from train.throughput import TokensPerSecond
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ def fine_tune(
     extra_info: dict | None = None,
     callbacks: list | None = None,
     export_dtype: str | None = None,
+    tracking: dict | None = None,
 ) -> dict:
     """Trains ``model`` on prompt/completion ``pairs`` and saves model + tokenizer to ``out_dir`` atomically.
 
@@ -72,6 +75,8 @@ def fine_tune(
         callbacks: extra Lightning callbacks (benchmarks, tests).
         export_dtype: the saved weights' dtype (``model.dtype``: what sampling loads); None: the dtype
             ``model`` came in.
+        tracking: ``factory.tracking.fit_tracking``'s dict: log loss, learning rate and tokens/s to that
+            logger every ``every_n_steps`` steps; None: no logger.
 
     Returns:
         dict with ``steps``, ``epochs`` (passes over the kept examples), ``num_examples`` (kept),
@@ -140,6 +145,7 @@ def fine_tune(
     checkpoints = CheckpointResume(
         partial, settings=settings, pairs=pairs, model_config=model.config.to_json_string()
     )
+    logger = make_logger(tracking)
     trainer = L.Trainer(
         accelerator=settings.accelerator,
         devices=settings.devices,
@@ -150,15 +156,16 @@ def fine_tune(
         max_epochs=1,  # the data stream is exactly `steps` global batches long (StepBatchSampler)
         gradient_clip_val=float(settings.grad_clip),
         use_distributed_sampler=False,  # StepBatchSampler gives each rank its share itself
-        logger=False,
+        logger=logger or False,
         callbacks=checkpoints.callbacks(int(settings.checkpoint_every_n_steps))
         + progress_bar(settings)
+        + tracking_callbacks(logger)
         + list(callbacks or []),
         enable_checkpointing=bool(settings.checkpoint_every_n_steps),
         enable_model_summary=False,
         enable_progress_bar=bool(settings.progress_bar),
         default_root_dir=str(partial),
-        log_every_n_steps=50,
+        log_every_n_steps=int(tracking["every_n_steps"]) if tracking else 50,
     )
     # Known once the trainer knows its world size; StepBatchSampler checks that it divides evenly.
     trainer.accumulate_grad_batches = accumulation(settings, trainer.world_size)
@@ -234,6 +241,7 @@ def fine_tune_base(
     desc: str,
     extra_info: dict | None = None,
     callbacks: list | None = None,
+    tracking: dict | None = None,
 ) -> dict:
     """``fine_tune`` of a saved base model, loaded with fp32 master weights whatever its stored dtype (a
     bf16 checkpoint widens exactly; an fp32 one loaded in bf16 would lose precision before training)."""
@@ -249,6 +257,7 @@ def fine_tune_base(
         extra_info=extra_info,
         callbacks=callbacks,
         export_dtype=export_dtype,
+        tracking=tracking,
     )
 
 
@@ -262,6 +271,15 @@ def progress_bar(settings: DictConfig) -> list:
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     return [TQDMProgressBar()] if settings.progress_bar else []
+
+
+def tracking_callbacks(logger) -> list:
+    """A tracked fit's learning-rate and tokens/s series (its loss is the module's own ``self.log``)."""
+    if logger is None:
+        return []
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    return [LearningRateMonitor(logging_interval="step"), TokensPerSecond()]
 
 
 def to_fp32(model) -> None:

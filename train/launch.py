@@ -41,6 +41,7 @@ def launch_fit(
     settings: DictConfig,
     desc: str,
     extra_info: dict,
+    tracking: dict | None = None,
 ) -> dict:
     """Runs ``fine_tune_base`` under torchrun and returns the finished stage's info."""
     out_dir = Path(out_dir)
@@ -56,6 +57,7 @@ def launch_fit(
             "settings": OmegaConf.to_container(settings, resolve=True),
             "desc": desc,
             "extra_info": extra_info,
+            "tracking": tracking,
         },
     )
     (job / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs), encoding="utf-8")
@@ -83,6 +85,7 @@ def _worker(job: Path) -> None:
         export_dtype=spec["export_dtype"],
         desc=spec["desc"],
         extra_info=spec["extra_info"],
+        tracking=spec.get("tracking"),
     )
 
 

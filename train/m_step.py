@@ -23,14 +23,18 @@ def train_from_base(
     out_dir: Path,
     desc: str,
     inputs: dict | None = None,
+    track_as: str | None = None,
 ) -> dict:
     """Loads the base model fresh (ReST-EM never continues from the previous policy) and fine-tunes it.
 
     Training steps fp32 master weights; the export is in ``model.dtype`` (``train.finetune``). A fit on
     several devices of one node that no launcher started runs as its own torchrun job (``train.launch``),
     so the loop can run one multi-process M-step after another. ``inputs`` (``StageInputs.model``) are
-    recorded in the model's ``stage.json``.
+    recorded in the model's ``stage.json``. ``track_as`` names the fit's series under ``logger`` (e.g.
+    ``m_step_2``; factory/tracking.py).
     """
+    from factory.tracking import fit_tracking
+
     extra_info = {"base_model": str(base_path)}
     if inputs is not None:
         extra_info["inputs"] = inputs
@@ -42,6 +46,7 @@ def train_from_base(
         "export_dtype": cfg.model.dtype,
         "desc": desc,
         "extra_info": extra_info,
+        "tracking": fit_tracking(cfg.logger, track_as) if track_as and "logger" in cfg else None,
     }
     select = cfg.trainer.get("select")
     if select is not None and select.every > 0:
@@ -105,6 +110,7 @@ def run(cfg: DictConfig) -> dict:
             out_dir=out,
             desc=f"M-step iteration {k}",
             inputs=stages.model(k, pairs),
+            track_as=f"m_step_{k}",
         )
 
 
