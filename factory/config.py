@@ -374,6 +374,11 @@ def validate(cfg: DictConfig) -> None:
     if bad_ks:
         raise ValueError(f"config error: eval.ks must be >= 1, got {list(cfg.eval.ks)}")
     _validate_model_choice(cfg)
+    if cfg.logger.kind == "tensorboard":
+        from factory.tracking import INSTALL, tensorboard_installed
+
+        if not tensorboard_installed():
+            raise ValueError(INSTALL)
     if cfg.model.name_or_path is None:
         tiny = cfg.model.tiny
         if tiny.hidden_size % tiny.num_heads or tiny.hidden_size // tiny.num_heads < 32:

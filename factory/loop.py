@@ -24,7 +24,7 @@ from factory.sample import e_step
 from factory.snapshot import snapshot_stage
 from factory.stage_inputs import StageInputs
 from factory.tasks import build_task
-from factory.tracking import log_row
+from factory.tracking import log_row, start_run
 from factory.verify import verify_samples
 from train.m_step import train_from_base
 
@@ -58,6 +58,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, task, start: float) -> list[dict]:
     # Every finished stage this run would reuse is checked first: a refused run writes nothing.
     stages.check_finished()
     run_dir.init(cfg)
+    start_run(cfg.logger)
 
     def evaluate(k: int | str) -> dict:
         if not stages.is_current(k, "eval"):

@@ -1,25 +1,31 @@
 """Experiment tracking on Lightning's loggers (``logger=tensorboard``): one folder per run, one TensorBoard
 "run" per series in it, so the M-steps' curves and the iterations' metrics overlay in one view.
 
-- ``m_step_<k>`` and ``sft_human``: each fit's ``loss``, learning rate (``lr-AdamW/...``) and
-  ``tokens_per_s``, every ``logger.every_n_steps`` optimizer steps (train/finetune.py).
+- ``m_step_<k>`` and ``sft_human``: each fit's ``train_loss`` (the optimizer step's global-batch loss, as
+  in the model's ``train_log.json``), learning rate (``lr-AdamW/...``) and ``tokens_per_s``, every
+  ``logger.every_n_steps`` optimizer steps (train/finetune.py). A fit that starts from scratch clears its
+  series first; one that resumes from a checkpoint writes the steps after that checkpoint again.
 - ``iterations``: per iteration (the step is the iteration; 0 is the base model) the evaluation's
   ``eval/greedy_accuracy``, ``eval/pass@k``, ``eval/maj@k``, the E-step's ``e_step/problems_solved``,
   ``e_step/kept`` and ``e_step/status/<status>``, the stages' ``seconds/<stage>``, and the snapshot's
-  version as text (``snapshot/version``).
-- ``sft_human``: the SFT baseline's ``eval/*`` at step 0.
+  name (with its version) as text (``snapshot/version``).
+- ``baseline``: the SFT baseline's row at step 0.
 
-A resumed run writes the finished iterations' values again at the same steps (the same numbers).
-``logger=none`` (the default) builds nothing and imports nothing.
+The loop clears ``iterations`` and ``baseline`` when it starts and writes every row again from the run
+directory's finished stages, so a resumed run's series hold each value once. ``logger=none`` (the
+default) builds nothing and imports nothing.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 ITERATIONS = "iterations"
+BASELINE = "baseline"
+INSTALL = "config error: logger=tensorboard needs the tensorboard package: pip install -e '.[tracking]'"
 
 
 def fit_tracking(settings: DictConfig, name: str) -> dict | None:
@@ -34,18 +40,37 @@ def fit_tracking(settings: DictConfig, name: str) -> dict | None:
     }
 
 
+def clear_series(tracking: dict) -> None:
+    """Removes one series' folder (its event files), before it is written from the start again."""
+    shutil.rmtree(Path(tracking["save_dir"]) / tracking["name"], ignore_errors=True)
+
+
+def start_run(settings: DictConfig) -> None:
+    """Clears the per-iteration series (the loop writes every row again from the run directory)."""
+    for name in (ITERATIONS, BASELINE):
+        tracking = fit_tracking(settings, name)
+        if tracking:
+            clear_series(tracking)
+
+
+def tensorboard_installed() -> bool:
+    """Whether ``import tensorboard`` would find the package (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("tensorboard") is not None
+    except ValueError:  # in sys.modules with no spec (a test's stand-in)
+        return False
+
+
 def make_logger(tracking: dict | None):
     """The Lightning logger of ``tracking`` (from :func:`fit_tracking`), or None when there is none."""
     if not tracking:
         return None
     if tracking["kind"] != "tensorboard":
         raise ValueError(f"config error: logger.kind={tracking['kind']!r}; allowed: none, tensorboard")
-    try:
-        import tensorboard  # noqa: F401  Lightning would fall back to tensorboardX, or fail later
-    except ImportError as err:
-        raise ImportError(
-            "logger=tensorboard needs the tensorboard package: pip install -e '.[tracking]'"
-        ) from err
+    if not tensorboard_installed():  # Lightning would fall back to tensorboardX, or fail at the first log
+        raise ValueError(INSTALL)
     from lightning.pytorch.loggers import TensorBoardLogger
 
     return TensorBoardLogger(
@@ -70,11 +95,11 @@ def iteration_metrics(row: dict, manifest: dict | None) -> dict[str, float]:
 
 
 def log_row(settings: DictConfig, row: dict, manifest: dict | None = None) -> None:
-    """Writes one summary row: iteration k at step k of ``iterations``, the SFT baseline as ``sft_human``."""
+    """Writes one summary row: iteration k at step k of ``iterations``, the SFT baseline in ``baseline``."""
     if settings.kind == "none":
         return
     k = row["iteration"]
-    name, step = (ITERATIONS, int(k)) if isinstance(k, int) else (str(k), 0)
+    name, step = (ITERATIONS, int(k)) if isinstance(k, int) else (BASELINE, 0)
     logger = make_logger(fit_tracking(settings, name))
     logger.log_metrics(iteration_metrics(row, manifest), step=step)
     if manifest and manifest.get("name"):

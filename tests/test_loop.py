@@ -39,6 +39,7 @@ def test_loop_end_to_end_and_rerun_skips(make_cfg, easy_arith, monkeypatch, caps
     assert "## Verifier audit" in report and "### Examples, iteration 2" in report
     assert "## Greedy gains with standard errors" in report and "| iteration 2 |" in report
     assert (run_dir.root / "plots" / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (run_dir.root / "tracking").exists()  # logger=none (the default) writes no tracking folder
     assert "| iteration |" in capsys.readouterr().out
     for k in [r["iteration"] for r in summary if isinstance(r["iteration"], int) and r["iteration"] > 0]:
         for stage in ("samples", "verdicts", "dataset", "model", "eval"):

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from factory.config import check_trainer
 from factory.rundir import atomic_dir, mark_done, write_json
-from factory.tracking import make_logger
+from factory.tracking import clear_series, make_logger
 from train.checkpoints import CheckpointResume
 from train.data import PromptCompletionDataModule, num_steps, tokenize_pairs
 from train.module import CausalLMModule
@@ -170,6 +170,10 @@ def fine_tune(
     # Known once the trainer knows its world size; StepBatchSampler checks that it divides evenly.
     trainer.accumulate_grad_batches = accumulation(settings, trainer.world_size)
     resume = checkpoints.last() if settings.checkpoint_every_n_steps else None
+    if logger is not None and resume is None and trainer.is_global_zero:
+        clear_series(
+            tracking
+        )  # an earlier attempt's curve (other settings, or killed early) is not this fit's
     epochs = round(steps * global_batch / len(examples), 3)
     log.info(
         "%s: %d examples, %d steps of %d (%.3g epochs; micro-batch %d x %d devices x %d accumulation)%s%s",

@@ -11,6 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from factory.config import hydra_entry
+from factory.tracking import fit_tracking
 from train.finetune import fine_tune_base
 from train.launch import launch_fit, needs_launch
 
@@ -33,7 +34,6 @@ def train_from_base(
     recorded in the model's ``stage.json``. ``track_as`` names the fit's series under ``logger`` (e.g.
     ``m_step_2``; factory/tracking.py).
     """
-    from factory.tracking import fit_tracking
 
     extra_info = {"base_model": str(base_path)}
     if inputs is not None:

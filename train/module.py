@@ -144,7 +144,15 @@ class CausalLMModule(L.LightningModule):
         share = loss.detach()
         self._step_loss = share if self._step_loss is None else self._step_loss + share
         shares = self.trainer.accumulate_grad_batches * self.trainer.world_size
-        self.log("loss", loss * shares, prog_bar=True, on_step=True, batch_size=batch["input_ids"].shape[0])
+        # The progress bar shows each micro-batch's loss; the logger gets each optimizer step's (below).
+        self.log(
+            "loss",
+            loss * shares,
+            prog_bar=True,
+            logger=False,
+            on_step=True,
+            batch_size=batch["input_ids"].shape[0],
+        )
         # Lightning divides by the accumulation rounds and DDP averages over ranks: undo both, so the
         # gradient is that of the global batch's token mean.
         return loss * shares
@@ -156,6 +164,8 @@ class CausalLMModule(L.LightningModule):
             step_loss = self.trainer.strategy.reduce(step_loss, reduce_op="sum")
         self._losses.append(step_loss)
         self._step_loss = None
+        if self.logger is not None:  # experiment tracking: the global batch's loss, as in train_log.json
+            self.log("train_loss", step_loss, logger=True, on_step=True, on_epoch=False, batch_size=1)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["restem_losses"] = self.losses
