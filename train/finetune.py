@@ -171,9 +171,8 @@ def fine_tune(
     trainer.accumulate_grad_batches = accumulation(settings, trainer.world_size)
     resume = checkpoints.last() if settings.checkpoint_every_n_steps else None
     if logger is not None and resume is None and trainer.is_global_zero:
-        clear_series(
-            tracking
-        )  # an earlier attempt's curve (other settings, or killed early) is not this fit's
+        # An earlier attempt's curve (other settings, or killed before a checkpoint) is not this fit's.
+        clear_series(tracking)
     epochs = round(steps * global_batch / len(examples), 3)
     log.info(
         "%s: %d examples, %d steps of %d (%.3g epochs; micro-batch %d x %d devices x %d accumulation)%s%s",

@@ -34,7 +34,6 @@ def train_from_base(
     recorded in the model's ``stage.json``. ``track_as`` names the fit's series under ``logger`` (e.g.
     ``m_step_2``; factory/tracking.py).
     """
-
     extra_info = {"base_model": str(base_path)}
     if inputs is not None:
         extra_info["inputs"] = inputs
