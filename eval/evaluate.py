@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import polars as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from eval.metrics import aggregate, problem_metrics
 from factory.config import hydra_entry
@@ -35,6 +35,7 @@ def evaluate_model(
     label: str = "eval",
     sampler_settings: DictConfig | None = None,
     inputs: dict | None = None,
+    cluster: DictConfig | None = None,
 ) -> dict:
     """Evaluates one model and writes its results to ``out_dir`` atomically.
 
@@ -43,6 +44,8 @@ def evaluate_model(
     (``answer`` strictness), the paper's metric. Generation uses the backend of ``sampler_settings``
     (``cfg.sampler``; default: the HF backend, on the best device there is), the task's stop strings and
     the sampler's ``stop`` strings. ``inputs`` (``StageInputs.eval``) are recorded in ``stage.json``.
+    With ``cluster.kind == "ray"`` (``cfg.cluster``) the generation runs on Ray replicas
+    (``factory.sampling.ray_pool``), HF batches cut as here, vLLM jobs of ``sampler.shard_size`` prompts.
     """
     from factory.models import load_tokenizer
     from factory.sample import generate, open_vllm, problem_seed, worker_pool
@@ -67,7 +70,21 @@ def evaluate_model(
         "stop": stop,
         "seeds": [problem_seed(1, p["problem_id"]) for p in problems],
     }
-    if sampler_settings is not None and sampler_settings.backend == "vllm":
+    if cluster is not None and cluster.kind == "ray":
+        greedy, sampled = _generate_on_ray(
+            cluster,
+            sampler_settings,
+            model_path=model_path,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            prompts=prompts,
+            greedy_kw=greedy_kw,
+            sampled_kw=sampled_kw,
+            batch=batch,
+            label=label,
+        )
+        kill_point("eval.generate")
+    elif sampler_settings is not None and sampler_settings.backend == "vllm":
         with open_vllm(model_path, tokenizer=tokenizer, settings=sampler_settings) as vllm:
             # One request each (vLLM schedules it whole); its own bar shows the prompts done.
             greedy = vllm.generate(prompts, seeds=[0] * len(prompts), progress=True, **greedy_kw)
@@ -129,6 +146,34 @@ def evaluate_model(
     return result
 
 
+def _generate_on_ray(
+    cluster, settings, *, model_path, dtype, tokenizer, prompts, greedy_kw, sampled_kw, batch, label
+) -> tuple[list, list]:
+    """Greedy and sampled completions of ``prompts`` in one pass of a Ray replica pool: for the HF
+    backend in the batches (and with the seeds) the local path uses, so the completions are its own."""
+    from factory.config import SamplerConfig
+    from factory.sampling.ray_pool import RayReplicas, generate_calls, ray_session
+    from factory.sampling.seeds import derive_seed
+
+    settings = settings if settings is not None else OmegaConf.structured(SamplerConfig)
+    vllm = settings.backend == "vllm"
+    n = int(sampled_kw["num_samples"])
+    greedy_seeds = [0] * len(prompts) if vllm else [derive_seed(0, i) for i in range(len(prompts))]
+    calls = {
+        "greedy": {
+            "prompts": prompts,
+            "seeds": greedy_seeds,
+            "per_job": int(settings.shard_size) if vllm else batch * n,
+            **greedy_kw,
+        },
+        "sampled": {"prompts": prompts, "per_job": int(settings.shard_size) if vllm else batch, **sampled_kw},
+    }
+    with ray_session(cluster):
+        pool = RayReplicas(cluster, settings, policy=model_path, dtype=dtype)
+        out = generate_calls(pool, calls, tokenizer=tokenizer, desc=f"{label} on Ray")
+    return out["greedy"], out["sampled"]
+
+
 def run(cfg: DictConfig) -> dict:
     """Evaluates iteration ``iteration``'s model (0: the base); a finished evaluation of the same inputs is
     reported again, one of other inputs refused, as is a model trained from other inputs."""
@@ -157,6 +202,7 @@ def run(cfg: DictConfig) -> dict:
             label=f"eval iter {k}",
             sampler_settings=cfg.sampler,
             inputs=stages.eval(k),
+            cluster=cfg.cluster,
         )
     print(json.dumps(result, indent=2))
     return result

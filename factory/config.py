@@ -256,6 +256,24 @@ class LoggerConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where generation runs (``cluster=ray``; factory/sampling/ray_pool.py): ``local`` samples and
+    evaluates in this process (and its sampler.workers); ``ray`` runs the E-step's shards and the
+    evaluation's batches on an actor pool of ``replicas`` engine replicas. Samples are the same either way."""
+
+    kind: str = "local"  # local | ray
+    address: str | None = None  # a Ray cluster to join; null: $RAY_ADDRESS, else a local Ray instance
+    replicas: int = 2  # engine replicas (Ray actors), each with the whole model
+    num_cpus: float = 1.0  # Ray logical CPUs each replica asks for (a scheduling share, may be < 1)
+    num_gpus: float | None = None  # GPUs per replica; null: sampler.tensor_parallel_size (vLLM) or 1 (HF)
+    # where the cluster has GPUs, else 0
+    threads: int | None = None  # torch threads per CPU replica; null: sampler.threads, else num_cpus (>= 1)
+    local_cpus: int | None = (
+        None  # logical CPUs of a local Ray instance; null: the cores this process may use
+    )
+
+
+@dataclass
 class RestemConfig:
     name: str = MISSING
     seed: int = 0
@@ -269,6 +287,7 @@ class RestemConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
 
 def register_configs() -> None:
@@ -304,6 +323,7 @@ _CHOICES = {
     "eval.split": ("validation", "test"),
     "model.dtype": ("float32", "bfloat16", "float16"),
     "logger.kind": ("none", "tensorboard"),
+    "cluster.kind": ("local", "ray"),
 }
 
 
@@ -374,6 +394,7 @@ def validate(cfg: DictConfig) -> None:
     if bad_ks:
         raise ValueError(f"config error: eval.ks must be >= 1, got {list(cfg.eval.ks)}")
     _validate_model_choice(cfg)
+    _validate_cluster(cfg.cluster)
     if cfg.logger.kind == "tensorboard":
         from factory.tracking import INSTALL, tensorboard_installed
 
@@ -386,6 +407,31 @@ def validate(cfg: DictConfig) -> None:
                 "config error: model.tiny.hidden_size / model.tiny.num_heads must be an integer >= 32 "
                 f"(vLLM's CPU attention kernels), got {tiny.hidden_size}/{tiny.num_heads}"
             )
+
+
+RAY_INSTALL = "config error: cluster=ray needs Ray: pip install -e '.[ray]' (ray[data])"
+
+
+def ray_installed() -> bool:
+    """Whether Ray can be imported here (``cluster=ray``; factory/sampling/ray_pool.py)."""
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
+def _validate_cluster(cluster: DictConfig) -> None:
+    """``cluster.*`` values, and Ray installed when ``cluster=ray`` (one config error, not a traceback)."""
+    if cluster.replicas < 1:
+        raise ValueError(f"config error: cluster.replicas must be >= 1, got {cluster.replicas}")
+    if not cluster.num_cpus > 0:
+        raise ValueError(f"config error: cluster.num_cpus must be > 0, got {cluster.num_cpus}")
+    if cluster.num_gpus is not None and cluster.num_gpus < 0:
+        raise ValueError(f"config error: cluster.num_gpus must be >= 0 or null, got {cluster.num_gpus}")
+    for key in ("threads", "local_cpus"):
+        if cluster[key] is not None and cluster[key] < 1:
+            raise ValueError(f"config error: cluster.{key} must be >= 1 or null, got {cluster[key]}")
+    if cluster.kind == "ray" and not ray_installed():
+        raise ValueError(RAY_INSTALL)
 
 
 def _validate_model_choice(cfg: DictConfig) -> None:

@@ -8,7 +8,11 @@ tests), a point costs one environment lookup.
 
 Points: ``sample.shard`` (a shard generated, not yet written), ``verify.shard`` (a verdict shard written),
 ``snapshot.write`` (the dataset written, its manifest and stage.json not yet), ``train.step`` (an optimizer
-step of the M-step), ``eval.generate`` (greedy answers generated, sampled ones not yet).
+step of the M-step), ``eval.generate`` (greedy answers generated, sampled ones not yet), and with
+``cluster=ray`` ``ray.replica`` (in a Ray replica: a job sampled, not yet returned to the driver).
+
+``RESTEM_KILL_ONCE=<file>`` makes the kill happen once across processes: the first process to reach the
+point creates the file and dies, later ones (a restarted Ray actor) run on.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import signal
 
 KILL_ENV = "RESTEM_KILL_AT"
+ONCE_ENV = "RESTEM_KILL_ONCE"
 _hits: collections.Counter = collections.Counter()
 
 
@@ -30,5 +35,13 @@ def kill_point(name: str) -> None:
     if target != name:
         return
     _hits[name] += 1
-    if _hits[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+    if _hits[name] != int(nth or 1):
+        return
+    once = os.environ.get(ONCE_ENV)
+    if once:
+        try:
+            with open(once, "x"):  # atomic: exactly one process creates it
+                pass
+        except FileExistsError:
+            return
+    os.kill(os.getpid(), signal.SIGKILL)

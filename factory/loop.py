@@ -72,6 +72,7 @@ def _run(cfg: DictConfig, run_dir: RunDir, task, start: float) -> list[dict]:
                 label=f"eval {k}",
                 sampler_settings=cfg.sampler,
                 inputs=stages.eval(k),
+                cluster=cfg.cluster,
             )
         return read_json(run_dir.stage(k, "eval") / "metrics.json")
 

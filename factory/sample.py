@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import polars as pl
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from factory.config import hydra_entry
@@ -23,6 +23,7 @@ from factory.rundir import claim_partial, finish_partial, partial_dir
 from factory.sampling.completions import merge_stops, task_stop_strings
 from factory.sampling.hf import generate, load_policy
 from factory.sampling.seeds import derive_seed, problem_seed
+from factory.sampling.vllm_backend import vllm_engine_options
 
 __all__ = ["derive_seed", "e_step", "generate", "open_vllm", "problem_seed", "sample_problems"]
 
@@ -53,6 +54,7 @@ def sample_problems(
     draw: int = 0,
     sampler=None,
     dtype: str = "float32",
+    cluster: DictConfig | None = None,
 ) -> dict:
     """Samples every problem into ``out_dir/shard-*.parquet``, resuming finished shards.
 
@@ -64,6 +66,9 @@ def sample_problems(
     returning. With ``settings.workers`` > 1 the HF backend samples in that many worker processes, each
     loading the ``policy`` folder in ``dtype`` (``model`` is then unused). ``draw`` counts earlier E-steps of the same policy in this run (after an empty snapshot),
     so that a repeated E-step draws new samples; it is 0 otherwise and then leaves the seeds alone.
+    With ``cluster.kind == "ray"`` (``cfg.cluster``) the shards still to sample go to an actor pool of
+    ``cluster.replicas`` engine replicas (``factory.sampling.ray_pool``), each loading ``policy``; the same
+    samples, written here.
     """
     start = time.time()
     out_dir = Path(out_dir)
@@ -73,23 +78,54 @@ def sample_problems(
     # The task's stops for its prompt layout (the next few-shot "Question:"), then the sampler's own.
     stop = merge_stops(task_stop_strings(task), settings.get("stop"))
     shards = [problems[i : i + size] for i in range(0, len(problems), size)]
+    # Shards finished before a crash or stop are never regenerated.
+    pending = [n for n in range(len(shards)) if not (work / f"shard-{n:05d}.parquet").exists()]
+
+    def job(shard: list[dict]) -> dict:
+        """One shard's sampler call: its prompts, per-problem seeds and the sampling settings."""
+        return {
+            "prompts": [task.format_prompt(p, tokenizer=tokenizer) for p in shard],
+            "seeds": [problem_seed(settings.seed, p["problem_id"], draw) for p in shard],
+            "num_samples": int(settings.num_samples),
+            "temperature": float(settings.temperature),
+            "top_k": int(settings.top_k),
+            "top_p": float(settings.top_p),
+            "max_new_tokens": int(settings.max_new_tokens),
+            "stop": stop,
+        }
+
+    def write(shard_no: int, prompts: list[str], samples: list[list[dict]]) -> int:
+        rows = [
+            {"problem_id": p["problem_id"], "sample_idx": j, "prompt": prompt, **s, "policy": policy}
+            for p, prompt, per_problem in zip(shards[shard_no], prompts, samples, strict=True)
+            for j, s in enumerate(per_problem)
+        ]
+        path = work / f"shard-{shard_no:05d}.parquet"
+        tmp = path.with_suffix(".parquet.tmp")
+        pl.DataFrame(rows, schema=SAMPLE_SCHEMA).write_parquet(tmp)
+        os.replace(tmp, path)
+        return len(rows)
+
     generated = 0
+    if cluster is not None and cluster.kind == "ray" and pending:
+        from factory.sampling.ray_pool import RayReplicas, ray_session
+
+        # Each shard is one job, sampled whole by one replica exactly as below; the driver writes it.
+        jobs = {f"{n:05d}": {**job(shards[n]), "batch_size": int(settings.batch_size)} for n in pending}
+        prompts = {key: list(value["prompts"]) for key, value in jobs.items()}
+        with ray_session(cluster):
+            pool = RayReplicas(cluster, settings, policy=policy, dtype=dtype)
+            desc = f"E-step iter {iteration} shards ({int(cluster.replicas)} Ray replicas)"
+            for key, samples in tqdm(pool.run(jobs), total=len(jobs), desc=desc, unit="shard"):
+                kill_point("sample.shard")
+                generated += write(int(key), prompts[key], samples)
+        pending = []
     with contextlib.ExitStack() as stack:
-        for shard_no, shard in enumerate(tqdm(shards, desc=f"E-step iter {iteration} shards", unit="shard")):
-            path = work / f"shard-{shard_no:05d}.parquet"
-            if path.exists():
-                continue  # finished before a crash or stop: never regenerate
-            seeds = [problem_seed(settings.seed, p["problem_id"], draw) for p in shard]
-            prompts = [task.format_prompt(p, tokenizer=tokenizer) for p in shard]
-            kwargs = {
-                "num_samples": int(settings.num_samples),
-                "temperature": float(settings.temperature),
-                "top_k": int(settings.top_k),
-                "top_p": float(settings.top_p),
-                "max_new_tokens": int(settings.max_new_tokens),
-                "seeds": seeds,
-                "stop": stop,
-            }
+        for shard_no in tqdm(
+            pending, desc=f"E-step iter {iteration} shards", unit="shard", disable=not pending
+        ):
+            kwargs = job(shards[shard_no])
+            prompts = kwargs.pop("prompts")
             if settings.backend == "vllm":
                 if sampler is None:
                     sampler = stack.enter_context(open_vllm(policy, tokenizer=tokenizer, settings=settings))
@@ -116,15 +152,7 @@ def sample_problems(
                     **kwargs,
                 )
             kill_point("sample.shard")
-            rows = [
-                {"problem_id": p["problem_id"], "sample_idx": j, "prompt": prompt, **s, "policy": policy}
-                for p, prompt, per_problem in zip(shard, prompts, samples, strict=True)
-                for j, s in enumerate(per_problem)
-            ]
-            tmp = path.with_suffix(".parquet.tmp")
-            pl.DataFrame(rows, schema=SAMPLE_SCHEMA).write_parquet(tmp)
-            os.replace(tmp, path)
-            generated += len(rows)
+            generated += write(shard_no, prompts, samples)
     num_rows = sum(
         pl.scan_parquet(p).select(pl.len()).collect().item() for p in sorted(work.glob("*.parquet"))
     )
@@ -139,17 +167,6 @@ def sample_problems(
         backend=str(settings.backend),
     )
     return {"num_samples": num_rows, "generated": generated, "seconds": time.time() - start}
-
-
-def vllm_engine_options(settings: DictConfig) -> tuple[dict, str]:
-    """(engine keys, weights' dtype) of a vLLM sampler config (conf/sampler/vllm.yaml)."""
-    from factory.config import SamplerConfig, VllmSamplerConfig
-
-    engine_keys = set(VllmSamplerConfig.__dataclass_fields__) - set(SamplerConfig.__dataclass_fields__)
-    values = OmegaConf.to_container(settings, resolve=True)
-    options = {k: values[k] for k in engine_keys if k in values}
-    options["threads"] = values.get("threads")  # a CPU engine's torch threads (null: every core)
-    return options, options.pop("dtype", "auto")
 
 
 def worker_pool(settings: DictConfig):
@@ -185,9 +202,11 @@ def e_step(cfg: DictConfig, *, stages, iteration: int) -> dict:
         claim_partial(out, inputs)  # shards of other inputs are never resumed
         return sample_problems(
             # vLLM loads the policy in its own process; the HF backend samples with it here.
-            # Worker processes (sampler.workers > 1) load it themselves.
+            # Worker processes (sampler.workers > 1) and Ray replicas (cluster=ray) load it themselves.
             model=None
-            if cfg.sampler.backend == "vllm" or int(cfg.sampler.get("workers") or 1) > 1
+            if cfg.sampler.backend == "vllm"
+            or int(cfg.sampler.get("workers") or 1) > 1
+            or cfg.cluster.kind == "ray"
             else load_policy(policy, dtype=cfg.model.dtype),
             tokenizer=load_tokenizer(policy),
             task=stages.task,
@@ -198,6 +217,7 @@ def e_step(cfg: DictConfig, *, stages, iteration: int) -> dict:
             iteration=iteration,
             draw=sampling["draw"],
             dtype=str(cfg.model.dtype),
+            cluster=cfg.cluster,
         )
 
     key_inputs = sampling_inputs(

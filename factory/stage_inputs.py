@@ -90,7 +90,7 @@ TASK_DATA_KEYS = (
     "num_shots",
 )
 # Config keys the hint about config.yaml leaves out: where the run lives, and the stage commands' argument.
-_NOT_HINTED = ("paths.", "iteration", "logger.")  # in no stage's inputs
+_NOT_HINTED = ("paths.", "iteration", "logger.", "cluster.")  # in no stage's inputs
 _MAX_HINTED = 8
 
 

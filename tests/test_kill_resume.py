@@ -10,6 +10,7 @@ uninterrupted reference run (same samples, verdicts, snapshot, model weights, me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -20,9 +21,9 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from conftest import EASY_ARITH, SHRINK
+from conftest import EASY_ARITH, SHRINK, processes_with
 
-from factory.config import compose
+from factory.config import compose, ray_installed
 from factory.faults import KILL_ENV
 from factory.rundir import RunDir
 from factory.versioning import FINGERPRINT_FILE
@@ -57,12 +58,19 @@ def reference(tmp_path_factory):
     return root / "reference", cache
 
 
-def _restem(run_dir: Path, cache: Path, kill_at: str | None) -> subprocess.CompletedProcess:
+def _restem(run_dir: Path, cache: Path, kill_at: str | None, *extra: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
     if kill_at:
         env[KILL_ENV] = kill_at
     return subprocess.run(
-        [sys.executable, "-c", "from factory.loop import main; main()", *_paths(run_dir, cache), *OVERRIDES],
+        [
+            sys.executable,
+            "-c",
+            "from factory.loop import main; main()",
+            *_paths(run_dir, cache),
+            *OVERRIDES,
+            *extra,
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -101,6 +109,29 @@ def test_kill_in_every_stage_then_resume_matches_uninterrupted_run(reference, tm
     cfg = compose(_paths(run_dir.root, cache) + OVERRIDES)
     assert samples.height == cfg.task.num_train * cfg.sampler.num_samples  # no duplicates, none missing
     assert samples.select(["problem_id", "sample_idx"]).is_unique().all()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@pytest.mark.skipif(not ray_installed(), reason="Ray is not installed: pip install -e '.[ray]'")
+def test_loop_on_ray_killed_mid_e_step_resumes_to_the_local_run(reference, tmp_path):
+    """``restem cluster=ray`` (a local Ray instance, 2 replicas) end to end: its driver killed with one
+    E-step shard written, the same command again, and the run directory equals the local reference run
+    (same samples, verdicts, snapshot, weights and eval metrics)."""
+    ref_dir, cache = reference
+    run_dir = RunDir(tmp_path / "killed")
+    before = set(processes_with("ray::"))
+    proc = _restem(run_dir.root, cache, "sample.shard@2", "cluster=ray")
+    assert proc.returncode == -signal.SIGKILL, f"not killed:\n{proc.stderr[-3000:]}"
+    assert len(_shards(run_dir.iteration(1) / ".samples.partial")) == 1
+    # Ray's dashboard and runtime-env agents outlive a SIGKILLed driver (the rest of Ray stops).
+    for pid in set(processes_with("ray::")) - before:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc = _restem(run_dir.root, cache, None, "cluster=ray")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2 Ray replicas)" in proc.stderr and "eval 1 on Ray" in proc.stderr
+    _assert_same_run(ref_dir, run_dir.root)
 
 
 def _shards(folder: Path) -> list[str]:

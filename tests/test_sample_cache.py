@@ -40,6 +40,7 @@ def _per_sample_sampler(calls: list[int]):
         draw=0,
         sampler=None,
         dtype="float32",
+        cluster=None,
     ):
         calls.append(int(settings.num_samples))
         rows = []

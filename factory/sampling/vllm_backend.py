@@ -60,50 +60,16 @@ class VllmSampler:
         child.close()
         self.startup_seconds = self._receive()
 
-    def generate(
-        self,
-        prompts: list[str],
-        *,
-        num_samples: int,
-        temperature: float,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        max_new_tokens: int,
-        seeds: list[int],
-        stop: list[str] | tuple[str, ...] = (),
-        stop_token_ids: list[int] | None = None,
-        progress: bool = False,
-    ) -> list[list[dict]]:
+    def generate(self, prompts: list[str], **kwargs) -> list[list[dict]]:
         """Samples like ``factory.sampling.hf.generate`` (same arguments and result, sample j of prompt i
         seeded with ``seeds[i] + j``, prompts with one BOS, stopping at every id of ``stop_token_ids``,
         default the model's ``factory.tokens.stop_token_ids``); the whole list goes to vLLM at once,
         which schedules it. ``progress``: vLLM's own progress bar (prompts done), on stderr."""
-        from factory.tokens import encode_prompts
+        return run_request(self, prompts, **kwargs)
 
-        k = 1 if temperature == 0 else num_samples
-        stop_ids = list(self.stop_token_ids if stop_token_ids is None else stop_token_ids)
-        request = {
-            "prompt_token_ids": encode_prompts(self.tokenizer, list(prompts)),
-            "n": k,
-            "temperature": float(temperature),
-            "top_k": int(top_k),
-            "top_p": float(top_p),
-            "max_tokens": int(max_new_tokens),
-            "seeds": [int(s) for s in seeds],
-            "stop": list(stop),
-            "stop_token_ids": [int(t) for t in stop_ids],
-            "progress": bool(progress),
-        }
+    def _run(self, request: dict) -> list[list[list[int]]]:
         self._conn.send(("generate", request))
-        rows = self._receive()
-        results = [
-            [
-                {**finish(self.tokenizer, ids, stop=stop, stop_ids=stop_ids), "seed": seed + j}
-                for j, ids in enumerate(per)
-            ]
-            for per, seed in zip(rows, seeds, strict=True)
-        ]
-        return [per * num_samples for per in results] if k < num_samples else results
+        return self._receive()
 
     def _receive(self):
         try:
@@ -131,6 +97,81 @@ class VllmSampler:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class InProcessEngine:
+    """A vLLM engine built in this process (a Ray replica is a process of its own already); the same
+    ``generate`` as :class:`VllmSampler`. The engine's memory is freed when the process exits."""
+
+    def __init__(self, model_path, *, tokenizer, options: dict, dtype: str = "float32", seed: int = 0):
+        from factory.tokens import stop_token_ids
+
+        self.tokenizer = tokenizer
+        self.stop_token_ids = stop_token_ids(tokenizer, model_path)
+        self.llm = build_engine(str(model_path), dtype=dtype, seed=seed, options=dict(options))
+
+    def generate(self, prompts: list[str], **kwargs) -> list[list[dict]]:
+        """See :meth:`VllmSampler.generate`."""
+        return run_request(self, prompts, **kwargs)
+
+    def _run(self, request: dict) -> list[list[list[int]]]:
+        return _generate(self.llm, request)
+
+
+def run_request(
+    engine,
+    prompts: list[str],
+    *,
+    num_samples: int,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    max_new_tokens: int,
+    seeds: list[int],
+    stop: list[str] | tuple[str, ...] = (),
+    stop_token_ids: list[int] | None = None,
+    progress: bool = False,
+) -> list[list[dict]]:
+    """One ``generate`` call on ``engine`` (a :class:`VllmSampler` or :class:`InProcessEngine`: its
+    ``tokenizer``, ``stop_token_ids`` and ``_run(request)``), decoded like the HF backend's samples."""
+    from factory.tokens import encode_prompts
+
+    k = 1 if temperature == 0 else num_samples
+    stop_ids = list(engine.stop_token_ids if stop_token_ids is None else stop_token_ids)
+    request = {
+        "prompt_token_ids": encode_prompts(engine.tokenizer, list(prompts)),
+        "n": k,
+        "temperature": float(temperature),
+        "top_k": int(top_k),
+        "top_p": float(top_p),
+        "max_tokens": int(max_new_tokens),
+        "seeds": [int(s) for s in seeds],
+        "stop": list(stop),
+        "stop_token_ids": [int(t) for t in stop_ids],
+        "progress": bool(progress),
+    }
+    rows = engine._run(request)
+    results = [
+        [
+            {**finish(engine.tokenizer, ids, stop=stop, stop_ids=stop_ids), "seed": seed + j}
+            for j, ids in enumerate(per)
+        ]
+        for per, seed in zip(rows, seeds, strict=True)
+    ]
+    return [per * num_samples for per in results] if k < num_samples else results
+
+
+def vllm_engine_options(settings) -> tuple[dict, str]:
+    """(engine keys, weights' dtype) of a vLLM sampler config (conf/sampler/vllm.yaml)."""
+    from omegaconf import OmegaConf
+
+    from factory.config import SamplerConfig, VllmSamplerConfig
+
+    engine_keys = set(VllmSamplerConfig.__dataclass_fields__) - set(SamplerConfig.__dataclass_fields__)
+    values = OmegaConf.to_container(settings, resolve=True)
+    options = {k: values[k] for k in engine_keys if k in values}
+    options["threads"] = values.get("threads")  # a CPU engine's torch threads (null: every core)
+    return options, options.pop("dtype", "auto")
 
 
 def _engine_kwargs(model: str, dtype: str, seed: int, options: dict) -> dict:

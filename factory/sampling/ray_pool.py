@@ -1,0 +1,225 @@
+"""Data-parallel generation on Ray (``cluster=ray``): a Ray Data pipeline over generation jobs (the
+E-step's shards, the evaluation's batches), mapped by an actor pool of engine replicas.
+
+Each replica is a Ray actor holding the whole policy: a vLLM engine (built in the actor, which is a
+process of its own) or the HF sampler (:func:`factory.sampling.hf.generate`). It asks Ray for
+``cluster.num_cpus`` CPUs and ``cluster.num_gpus`` GPUs (default: ``sampler.tensor_parallel_size`` for
+vLLM, 1 for HF, on a cluster with GPUs; 0 without), so 8 GPUs run 8 replicas of a 1-GPU model, and a
+cluster of several nodes runs replicas on all of them. A job is one call of the sampler on a list of
+prompts with per-prompt seeds; sample j of prompt i is seeded with ``seeds[i] + j`` wherever it runs,
+and an E-step job is exactly a shard that one process would sample, so R replicas return the samples one
+process returns (tests/test_ray.py). The driver writes what comes back (the same parquet shards as
+``cluster=local``), so a replica that dies in the middle of a job loses nothing: Ray Data restarts the
+actor and runs the job again (its actor pools retry without limit), and the job's rows arrive once.
+
+Why Ray Data and not ``ray.data.llm``: its vLLM processor sends one request per row and targets GPUs;
+the E-step needs ``n`` samples per prompt with seed ``s + j``, both backends, and CPU replicas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+
+from omegaconf import DictConfig
+
+
+@contextlib.contextmanager
+def ray_session(cluster: DictConfig):
+    """Joins ``cluster.address`` (or ``$RAY_ADDRESS``), else starts a local Ray instance with
+    ``cluster.local_cpus`` logical CPUs (default: the cores this process may use) and stops it on exit.
+    A session that is already connected (a Ray job's driver, a test) is used as it is and left running."""
+    import ray
+
+    from factory.sampling.cores import usable_cores
+
+    if ray.is_initialized():
+        yield
+        return
+    address = cluster.address or os.environ.get("RAY_ADDRESS")
+    options = {"log_to_driver": True, "logging_level": "WARNING"}
+    if address:
+        ray.init(address=address, **options)
+    else:
+        cpus = int(cluster.local_cpus or usable_cores())
+        ray.init(num_cpus=cpus, include_dashboard=False, **options)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def replica_gpus(cluster: DictConfig, settings: DictConfig) -> float:
+    """GPUs each replica asks for: ``cluster.num_gpus``, else the engine's share where there are GPUs."""
+    import ray
+
+    if cluster.num_gpus is not None:
+        return float(cluster.num_gpus)
+    if ray.cluster_resources().get("GPU", 0) <= 0:
+        return 0.0
+    return float(settings.get("tensor_parallel_size") or 1) if settings.backend == "vllm" else 1.0
+
+
+def replica_threads(cluster: DictConfig, settings: DictConfig) -> int:
+    """Torch threads of a CPU replica: ``cluster.threads``, else ``sampler.threads``, else its CPUs (>= 1)."""
+    if cluster.threads:
+        return int(cluster.threads)
+    if settings.get("threads"):
+        return int(settings.threads)
+    return max(1, int(cluster.num_cpus))
+
+
+class Replica:
+    """One engine replica (a Ray Data actor): loads the policy once, then runs one job per row.
+
+    A row is ``{"key": str, "job": json}``, the job a dict of ``prompts``, ``seeds`` and the sampler's
+    keyword arguments (``num_samples``, ``temperature``, ``stop``, ...; ``batch_size`` for HF). The
+    result row is ``{"key", "samples": json}``, the sampler's per-prompt lists of sample dicts.
+    """
+
+    def __init__(self, *, policy: str, backend: str, dtype: str, engine: dict, seed: int, threads: int):
+        import torch
+
+        from factory.models import load_tokenizer
+
+        torch.set_num_threads(threads)
+        tokenizer = load_tokenizer(policy)
+        self.backend = backend
+        if backend == "vllm":
+            from factory.sampling.vllm_backend import InProcessEngine
+
+            self.engine = InProcessEngine(
+                policy, tokenizer=tokenizer, options={**engine, "threads": threads}, dtype=dtype, seed=seed
+            )
+        else:
+            from factory.sampling.hf import load_policy
+
+            self.model, self.tokenizer = load_policy(policy, dtype=dtype), tokenizer
+
+    def __call__(self, batch: dict) -> dict:
+        from factory.faults import kill_point
+
+        keys, results = [], []
+        for key, text in zip(batch["key"], batch["job"], strict=True):
+            job = json.loads(text)
+            prompts = job.pop("prompts")
+            if self.backend == "vllm":
+                job.pop("batch_size", None)  # vLLM schedules the whole job itself
+                samples = self.engine.generate(prompts, **job)
+            else:
+                from factory.sampling.hf import generate
+
+                samples = generate(self.model, self.tokenizer, prompts, progress=False, **job)
+            kill_point("ray.replica")  # tests: a replica dies with a job done but not yet returned
+            keys.append(str(key))
+            results.append(json.dumps(samples))
+        return {"key": keys, "samples": results}
+
+
+class RayReplicas:
+    """Runs generation jobs on ``cluster.replicas`` replicas of ``policy`` (inside :func:`ray_session`).
+
+    Args:
+        cluster: ``cfg.cluster``.
+        settings: ``cfg.sampler`` (the backend and, for vLLM, its engine keys).
+        policy: the model folder every replica loads.
+        dtype: the weights' dtype (``model.dtype``).
+    """
+
+    def __init__(self, cluster: DictConfig, settings: DictConfig, *, policy, dtype: str):
+        self.cluster, self.settings = cluster, settings
+        self.policy, self.dtype = str(policy), dtype
+
+    def _constructor_kwargs(self) -> dict:
+        engine = {}
+        if self.settings.backend == "vllm":
+            from factory.sampling.vllm_backend import vllm_engine_options
+
+            engine, dtype = vllm_engine_options(self.settings)
+            engine.pop("threads", None)
+        else:
+            dtype = self.dtype
+        return {
+            "policy": self.policy,
+            "backend": str(self.settings.backend),
+            "dtype": dtype,
+            "engine": engine,
+            "seed": int(self.settings.seed),
+            "threads": replica_threads(self.cluster, self.settings),
+        }
+
+    def run(self, jobs: dict[str, dict]) -> Iterator[tuple[str, list[list[dict]]]]:
+        """Yields ``(key, samples)`` for every job as its replica finishes it (in no fixed order)."""
+        import ray.data
+
+        if not jobs:
+            return
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # the callers' own bars count jobs
+        context.print_on_execution_start = False
+        rows = [{"key": key, "job": json.dumps(job)} for key, job in jobs.items()]
+        # One block per job: a replica takes jobs one at a time, and a retried job is one job.
+        data = ray.data.from_items(rows, override_num_blocks=len(rows))
+        out = data.map_batches(
+            Replica,
+            fn_constructor_kwargs=self._constructor_kwargs(),
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=int(self.cluster.replicas)),
+            num_cpus=float(self.cluster.num_cpus),
+            num_gpus=replica_gpus(self.cluster, self.settings),
+        )
+        for row in out.iter_rows():
+            yield row["key"], json.loads(row["samples"])
+
+
+def batch_jobs(
+    name: str, prompts: list[str], *, tokenizer, seeds: list[int], per_job: int, **kwargs
+) -> tuple[dict[str, dict], dict[str, list[int]]]:
+    """Jobs of ``prompts`` cut as one ``hf.generate`` call with ``batch_size=per_job`` cuts them: sorted
+    by token length, ``per_job`` prompts each (so each HF batch is decoded whole by one replica and its
+    samples are the ones one process draws). Returns the jobs by key and the prompt indices of each key."""
+    from factory.tokens import encode_prompts
+
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, list(prompts))]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    jobs, index = {}, {}
+    for number, start in enumerate(range(0, len(order), per_job)):
+        idx = order[start : start + per_job]
+        key = f"{name}-{number:06d}"
+        jobs[key] = {
+            **kwargs,
+            "batch_size": per_job,
+            "prompts": [prompts[i] for i in idx],
+            "seeds": [int(seeds[i]) for i in idx],
+        }
+        index[key] = idx
+    return jobs, index
+
+
+def generate_calls(pool: RayReplicas, calls: dict[str, dict], *, tokenizer, desc: str) -> dict:
+    """Several sampler calls in one pass of the pool (one model load per replica).
+
+    ``calls`` maps a name to ``{"prompts", "seeds", "per_job", **sampler keyword arguments}``; returns
+    each name's per-prompt sample lists in prompt order, as the sampler called on all its prompts would.
+    """
+    from tqdm.auto import tqdm
+
+    jobs, index, sizes = {}, {}, {}
+    for name, call in calls.items():
+        call = dict(call)
+        prompts = call.pop("prompts")
+        sizes[name] = len(prompts)
+        more, where = batch_jobs(name, prompts, tokenizer=tokenizer, **call)
+        jobs.update(more)
+        index.update(where)
+    results = {name: [None] * size for name, size in sizes.items()}
+    for key, samples in tqdm(pool.run(jobs), total=len(jobs), desc=desc, unit="batch"):
+        name = key.rsplit("-", 1)[0]
+        for i, per in zip(index[key], samples, strict=True):
+            results[name][i] = per
+    missing = [name for name, per in results.items() if any(x is None for x in per)]
+    if missing:
+        raise RuntimeError(f"Ray returned no samples for some prompts of {missing}")
+    return results
