@@ -262,15 +262,18 @@ class ClusterConfig:
     evaluation's batches on an actor pool of ``replicas`` engine replicas. Samples are the same either way."""
 
     kind: str = "local"  # local | ray
-    address: str | None = None  # a Ray cluster to join; null: $RAY_ADDRESS, else a local Ray instance
+    # A Ray cluster to join ("auto": this machine's `ray start` cluster); null: $RAY_ADDRESS, else a new
+    # local Ray instance.
+    address: str | None = None
     replicas: int = 2  # engine replicas (Ray actors), each with the whole model
     num_cpus: float = 1.0  # Ray logical CPUs each replica asks for (a scheduling share, may be < 1)
-    num_gpus: float | None = None  # GPUs per replica; null: sampler.tensor_parallel_size (vLLM) or 1 (HF)
-    # where the cluster has GPUs, else 0
-    threads: int | None = None  # torch threads per CPU replica; null: sampler.threads, else num_cpus (>= 1)
-    local_cpus: int | None = (
-        None  # logical CPUs of a local Ray instance; null: the cores this process may use
-    )
+    # GPUs per replica; null: sampler.tensor_parallel_size (vLLM) or 1 (HF) where the cluster has GPUs
+    # when the stage starts, else 0 (set it on an autoscaling cluster whose GPU nodes may be down).
+    num_gpus: float | None = None
+    # Torch threads per CPU replica; null: num_cpus (>= 1), or sampler.threads where that is fewer.
+    threads: int | None = None
+    local_cpus: int | None = None  # logical CPUs of a new local Ray instance; null: this process's cores
+    start_timeout_s: int = 1800  # every replica must have started (model loaded) within it, else an error
 
 
 @dataclass
@@ -427,7 +430,7 @@ def _validate_cluster(cluster: DictConfig) -> None:
         raise ValueError(f"config error: cluster.num_cpus must be > 0, got {cluster.num_cpus}")
     if cluster.num_gpus is not None and cluster.num_gpus < 0:
         raise ValueError(f"config error: cluster.num_gpus must be >= 0 or null, got {cluster.num_gpus}")
-    for key in ("threads", "local_cpus"):
+    for key in ("threads", "local_cpus", "start_timeout_s"):
         if cluster[key] is not None and cluster[key] < 1:
             raise ValueError(f"config error: cluster.{key} must be >= 1 or null, got {cluster[key]}")
     if cluster.kind == "ray" and not ray_installed():

