@@ -216,3 +216,34 @@ def test_a_replica_no_node_can_hold_is_one_config_error(tmp_path, tiny_model_dir
             cluster=_cluster(num_cpus=64, local_cpus=2),
         )
     assert not (tmp_path / "ray").exists()
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+@needs_ray
+def test_smollm2_on_two_replicas_gives_the_local_samples(tmp_path, smollm2_dir):
+    """The real model (SmolLM2-135M-Instruct, HF backend, chat prompts): 2 Ray replicas write the rows one
+    process writes."""
+    from factory.models import load_tokenizer
+    from factory.sampling.hf import load_policy
+
+    class Chat:
+        def format_prompt(self, problem, *, tokenizer=None):
+            messages = [{"role": "user", "content": f"What is {problem['question']}? Answer briefly."}]
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    tok = load_tokenizer(smollm2_dir)
+    problems = [{"problem_id": f"q{i}", "question": f"{i} + {i * 3}", "answer": str(4 * i)} for i in range(6)]
+    keys = {"num_samples": 2, "max_new_tokens": 16, "shard_size": 2, "batch_size": 2, "temperature": 0.8}
+    settings = OmegaConf.merge(OmegaConf.structured(SamplerConfig), keys)
+    common = {"tokenizer": tok, "task": Chat(), "problems": problems, "settings": settings, "iteration": 1}
+    model = load_policy(smollm2_dir)
+    sample_problems(model=model, out_dir=tmp_path / "local", policy=str(smollm2_dir), **common)
+    result = sample_problems(
+        model=None, out_dir=tmp_path / "ray", policy=str(smollm2_dir), cluster=_cluster(), **common
+    )
+    local = pl.read_parquet(tmp_path / "local" / "*.parquet").sort(["problem_id", "sample_idx"])
+    ray = pl.read_parquet(tmp_path / "ray" / "*.parquet").sort(["problem_id", "sample_idx"])
+    assert result["ray_replicas"] == 2 and local.height == 12
+    assert local["completion"].n_unique() > 6, "SmolLM2's samples at T=0.8 should differ"
+    assert ray.equals(local)
