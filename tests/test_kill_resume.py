@@ -121,14 +121,15 @@ def test_loop_on_ray_killed_mid_e_step_resumes_to_the_local_run(reference, tmp_p
     ref_dir, cache = reference
     run_dir = RunDir(tmp_path / "killed")
     before = set(processes_with("ray::"))
-    proc = _restem(run_dir.root, cache, "sample.shard@2", "cluster=ray")
+    ray = ("cluster=ray", "cluster.num_gpus=0")  # replicas on CPUs, like the reference run
+    proc = _restem(run_dir.root, cache, "sample.shard@2", *ray)
     assert proc.returncode == -signal.SIGKILL, f"not killed:\n{proc.stderr[-3000:]}"
     assert len(_shards(run_dir.iteration(1) / ".samples.partial")) == 1
     # Ray's dashboard and runtime-env agents outlive a SIGKILLed driver (the rest of Ray stops).
     for pid in set(processes_with("ray::")) - before:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    proc = _restem(run_dir.root, cache, None, "cluster=ray")
+    proc = _restem(run_dir.root, cache, None, *ray)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(2 Ray replicas)" in proc.stderr and "eval 1 on Ray" in proc.stderr
     _assert_same_run(ref_dir, run_dir.root)

@@ -61,6 +61,7 @@ def replica_gpus(cluster: DictConfig, settings: DictConfig) -> float:
         return float(cluster.num_gpus)
     if ray.cluster_resources().get("GPU", 0) <= 0:
         return 0.0
+    # (tensor_parallel_size > 1 inside one replica is untested: vLLM then starts workers of its own.)
     return float(settings.get("tensor_parallel_size") or 1) if settings.backend == "vllm" else 1.0
 
 
@@ -73,8 +74,9 @@ def replica_threads(cluster: DictConfig, settings: DictConfig) -> int:
     return min(cpus, int(settings.threads)) if settings.get("threads") else cpus
 
 
-def check_fits(cluster: DictConfig, gpus: float) -> None:
-    """Refuses, naming the keys, a replica no node of the cluster can hold (Ray would wait forever).
+def check_fits(cluster: DictConfig, gpus: float, replicas: int) -> None:
+    """Refuses, naming the keys, ``replicas`` replicas the nodes cannot hold all at once (the pool waits
+    for every replica to start, so it would wait ``cluster.start_timeout_s`` and fail).
 
     Only checked against a local instance: a remote cluster may add nodes (autoscaling) on demand."""
     import ray
@@ -82,11 +84,18 @@ def check_fits(cluster: DictConfig, gpus: float) -> None:
     if cluster.address or os.environ.get("RAY_ADDRESS"):
         return
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if not any(n.get("CPU", 0) >= cluster.num_cpus and n.get("GPU", 0) >= gpus for n in nodes):
+
+    def holds(node: dict) -> int:
+        by_cpu = node.get("CPU", 0) // cluster.num_cpus
+        return int(min(by_cpu, node.get("GPU", 0) // gpus) if gpus else by_cpu)
+
+    room = sum(holds(n) for n in nodes)
+    if room < replicas:
         have = ", ".join(f"{n.get('CPU', 0):g} CPUs and {n.get('GPU', 0):g} GPUs" for n in nodes)
         raise ValueError(
-            f"config error: a replica asks for cluster.num_cpus={cluster.num_cpus:g} CPUs and "
-            f"{gpus:g} GPUs (cluster.num_gpus), but the local Ray instance has {have}"
+            f"config error: {replicas} replicas of cluster.num_cpus={cluster.num_cpus:g} CPUs and {gpus:g} "
+            f"GPUs (cluster.num_gpus) each do not fit the local Ray instance ({have}), which holds {room}: "
+            "lower cluster.replicas or the resources per replica"
         )
 
 
@@ -193,7 +202,8 @@ class RayReplicas:
             if not is_available():
                 raise RuntimeError(INSTALL_VLLM)
         gpus = replica_gpus(self.cluster, self.settings)
-        check_fits(self.cluster, gpus)
+        size = min(int(self.cluster.replicas), len(jobs))
+        check_fits(self.cluster, gpus, size)
         context = ray.data.DataContext.get_current()
         wanted = {
             "enable_progress_bars": False,  # the callers' own bars count jobs
@@ -211,7 +221,7 @@ class RayReplicas:
                 Replica,
                 fn_constructor_kwargs=self._constructor_kwargs(),
                 batch_size=1,
-                compute=ray.data.ActorPoolStrategy(size=min(int(self.cluster.replicas), len(rows))),
+                compute=ray.data.ActorPoolStrategy(size=size),
                 num_cpus=float(self.cluster.num_cpus),
                 num_gpus=gpus,
             )
