@@ -112,14 +112,13 @@ def sample_problems(
 
         # Each shard is one job, sampled whole by one replica exactly as below; the driver writes it.
         jobs = {f"{n:05d}": {**job(shards[n]), "batch_size": int(settings.batch_size)} for n in pending}
-        prompts = {key: list(value["prompts"]) for key, value in jobs.items()}
         with ray_session(cluster):
             pool = RayReplicas(cluster, settings, policy=policy, dtype=dtype)
             ray_pids = pool.pids
             desc = f"E-step iter {iteration} shards ({int(cluster.replicas)} Ray replicas)"
             for key, samples in tqdm(pool.run(jobs), total=len(jobs), desc=desc, unit="shard"):
                 kill_point("sample.shard")
-                generated += write(int(key), prompts[key], samples)
+                generated += write(int(key), jobs[key]["prompts"], samples)
         lost = [n for n in pending if not (work / f"shard-{n:05d}.parquet").exists()]
         if lost:  # never mark an E-step done with shards missing
             raise RuntimeError(

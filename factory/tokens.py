@@ -28,6 +28,15 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
     return [encode_prompt(tokenizer, p) for p in prompts]
 
 
+def batches_by_length(tokenizer, prompts: list[str], batch_size: int) -> list[list[int]]:
+    """Prompt indices sorted by token length (stable) and cut into ``batch_size`` batches: the batches one
+    ``factory.sampling.hf.generate`` call decodes, so a batch decoded whole elsewhere (a worker process,
+    a Ray replica) draws the samples one process draws."""
+    lengths = [len(ids) for ids in encode_prompts(tokenizer, list(prompts))]
+    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def turn_end_token(tokenizer) -> str | None:
     """The special token the chat template closes an assistant turn with (``<|im_end|>``,
     ``<|eot_id|>``), or None without a chat template or when the turn ends with no special token."""

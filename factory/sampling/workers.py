@@ -107,15 +107,13 @@ class GenerationWorkers:
         batches are the ones one process would decode. Other keyword arguments go to ``generate``.
         """
         from factory.sampling.seeds import derive_seed
-        from factory.tokens import encode_prompts
+        from factory.tokens import batches_by_length
 
         if not prompts:
             return []
         if seeds is None:
             seeds = [derive_seed(seed, i) for i in range(len(prompts))]
-        lengths = [len(ids) for ids in encode_prompts(tokenizer, list(prompts))]
-        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        batches = batches_by_length(tokenizer, prompts, batch_size)
         pending = {}
         for batch in batches:
             job = {**kwargs, "batch_size": batch_size, "seeds": [seeds[i] for i in batch]}
