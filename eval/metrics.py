@@ -9,6 +9,20 @@ from __future__ import annotations
 
 from collections import Counter
 
+# Problem difficulty as a policy's share of correct samples on it (its sampled solve rate): the buckets of
+# the sweep report's gains by difficulty (base model, eval problems) and of the loop report's E-step
+# yield (iteration 1's policy, training problems).
+DIFFICULTY_BUCKETS = ["never (0%)", "rarely (<50%)", "often (50-99%)", "always (100%)"]
+
+
+def difficulty_bucket(rate: float) -> str:
+    """The :data:`DIFFICULTY_BUCKETS` label of a solve rate in [0, 1]."""
+    if rate <= 0.0:
+        return DIFFICULTY_BUCKETS[0]
+    if rate < 0.5:
+        return DIFFICULTY_BUCKETS[1]
+    return DIFFICULTY_BUCKETS[2] if rate < 1.0 else DIFFICULTY_BUCKETS[3]
+
 
 def pass_at_k(n: int, c: int, k: int) -> float | None:
     """Unbiased pass@k estimate from ``n`` samples of which ``c`` are correct.

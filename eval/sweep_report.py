@@ -17,13 +17,13 @@ import polars as pl
 import yaml
 
 from eval.evaluate import PER_PROBLEM
+from eval.metrics import DIFFICULTY_BUCKETS, difficulty_bucket
 from eval.report import MISSING, SFT_ITERATION, SFT_LABEL, _ks, _metric, _pct, _write_text_atomic
 from factory.rundir import read_json
 
 PLOTS = "plots/sweep"
 IGNORED_KEYS = ("paths.", "name", "iteration")  # differ between runs without being a sweep value
-# Buckets of the base model's share of correct samples on a problem (its sampled solve rate).
-BUCKETS = ["never (0%)", "rarely (<50%)", "often (50-99%)", "always (100%)"]
+BUCKETS = DIFFICULTY_BUCKETS  # of the base model's share of correct samples on an eval problem
 
 
 def find_runs(path: Path) -> list[Path]:
@@ -73,7 +73,7 @@ def difficulty_table(run: Path) -> pl.DataFrame | None:
         return None
     base = pl.read_parquet(base_path, columns=["problem_id", "num_correct", "num_samples"])
     rate = base["num_correct"] / base["num_samples"]
-    bucket = pl.Series("bucket", [_bucket(x) for x in rate.to_list()])
+    bucket = pl.Series("bucket", [difficulty_bucket(x) for x in rate.to_list()])
     buckets = base.select("problem_id").with_columns(bucket)
     frames = []
     models = sorted(
@@ -92,14 +92,6 @@ def difficulty_table(run: Path) -> pl.DataFrame | None:
             .with_columns(pl.lit(name.removeprefix("iter_")).alias("model"))
         )
     return pl.concat(frames) if frames else None
-
-
-def _bucket(rate: float) -> str:
-    if rate <= 0.0:
-        return BUCKETS[0]
-    if rate < 0.5:
-        return BUCKETS[1]
-    return BUCKETS[2] if rate < 1.0 else BUCKETS[3]
 
 
 def build_report(path: Path, out: Path | None = None) -> dict:

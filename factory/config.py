@@ -226,6 +226,16 @@ class SnapshotConfig:
 
 
 @dataclass
+class CurriculumConfig:
+    """Which training problems each E-step samples, from the latest pass rates (factory/curriculum.py).
+    Both null (the default): every problem, sampler.num_samples samples each, as in the paper."""
+
+    skip_solved_at: float | None = None  # skip problems solved at least this share of the time
+    rare_below: float | None = None  # problems solved less than this share of the time get rare_samples
+    rare_samples: int | None = None  # samples for those (> sampler.num_samples)
+
+
+@dataclass
 class EvalConfig:
     split: str = "test"
     num_samples: int = 8  # samples per problem for pass@k and maj@k
@@ -287,6 +297,7 @@ class RestemConfig:
     sampler: Any = MISSING  # SamplerConfig or VllmSamplerConfig, picked by conf/sampler/*.yaml
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     snapshot: SnapshotConfig = field(default_factory=SnapshotConfig)
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     loop: LoopConfig = field(default_factory=LoopConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
@@ -398,6 +409,9 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"config error: eval.ks must be >= 1, got {list(cfg.eval.ks)}")
     _validate_model_choice(cfg)
     _validate_cluster(cfg.cluster)
+    from factory.curriculum import validate_curriculum
+
+    validate_curriculum(cfg)
     if cfg.logger.kind == "tensorboard":
         from factory.tracking import INSTALL, tensorboard_installed
 

@@ -19,8 +19,9 @@ from eval.report import format_table, write_report
 from eval.significance import gains_section
 from factory.audit import audit_iteration, format_audit
 from factory.config import hydra_entry, validate
+from factory.curriculum import format_yield, yield_by_bucket
 from factory.rundir import RunDir, read_json, write_json
-from factory.sample import e_step
+from factory.sample import NothingToSampleError, e_step
 from factory.snapshot import snapshot_stage
 from factory.stage_inputs import StageInputs
 from factory.tasks import build_task
@@ -87,6 +88,10 @@ def _run(cfg: DictConfig, run_dir: RunDir, task, start: float) -> list[dict]:
     for k in range(1, cfg.loop.iterations + 1):
         try:
             _iteration(cfg, stages, k)
+        except NothingToSampleError as err:
+            log.warning("%s", err)
+            print(f"\n{err}; stopping")
+            break
         except EmptySnapshotError as err:
             log.warning("%s", err)
             print(f"\n{err}")
@@ -105,12 +110,13 @@ def _run(cfg: DictConfig, run_dir: RunDir, task, start: float) -> list[dict]:
         if run_dir.is_done(k, "verdicts")
     }
     gains = gains_section({row["iteration"]: run_dir.stage(row["iteration"], "eval") for row in rows})
+    yields = format_yield(yield_by_bucket(run_dir, list(range(1, cfg.loop.iterations + 1))))
     paths = write_report(
         rows,
         run_dir.root,
         title=f"ReST-EM run: {cfg.name}",
         split=cfg.eval.split,
-        appendix="\n".join(part for part in (gains, format_audit(audits)) if part),
+        appendix="\n".join(part for part in (gains, yields, format_audit(audits)) if part),
     )
     print(f"\n{format_table(rows)}\n")
     print(f"summary: {run_dir.summary}\nreport:  {paths['report']}\nplot:    {paths['plot']}")

@@ -55,6 +55,7 @@ def sample_problems(
     sampler=None,
     dtype: str = "float32",
     cluster: DictConfig | None = None,
+    num_samples: dict[str, int] | None = None,
 ) -> dict:
     """Samples every problem into ``out_dir/shard-*.parquet``, resuming finished shards.
 
@@ -68,7 +69,9 @@ def sample_problems(
     so that a repeated E-step draws new samples; it is 0 otherwise and then leaves the seeds alone.
     With ``cluster.kind == "ray"`` (``cfg.cluster``) the shards still to sample go to an actor pool of
     ``cluster.replicas`` engine replicas (``factory.sampling.ray_pool``), each loading ``policy``; the same
-    samples, written here.
+    samples, written here. ``num_samples`` (problem id -> samples; ``factory.curriculum``) overrides
+    ``settings.num_samples`` per problem: problems are then grouped by their count (fewest first, each
+    group in its given order) so that every shard has one count.
     """
     start = time.time()
     out_dir = Path(out_dir)
@@ -77,16 +80,25 @@ def sample_problems(
     size = int(settings.shard_size)
     # The task's stops for its prompt layout (the next few-shot "Question:"), then the sampler's own.
     stop = merge_stops(task_stop_strings(task), settings.get("stop"))
-    shards = [problems[i : i + size] for i in range(0, len(problems), size)]
+    default = int(settings.num_samples)
+    groups: dict[int, list[dict]] = {}
+    for p in problems:
+        groups.setdefault((num_samples or {}).get(p["problem_id"], default), []).append(p)
+    shards, shard_counts = [], []
+    for count in sorted(groups):
+        group = groups[count]
+        shards += [group[i : i + size] for i in range(0, len(group), size)]
+        shard_counts += [count] * ((len(group) + size - 1) // size)
     # Shards finished before a crash or stop are never regenerated.
     pending = [n for n in range(len(shards)) if not (work / f"shard-{n:05d}.parquet").exists()]
 
-    def job(shard: list[dict]) -> dict:
+    def job(shard_no: int) -> dict:
         """One shard's sampler call: its prompts, per-problem seeds and the sampling settings."""
+        shard = shards[shard_no]
         return {
             "prompts": [task.format_prompt(p, tokenizer=tokenizer) for p in shard],
             "seeds": [problem_seed(settings.seed, p["problem_id"], draw) for p in shard],
-            "num_samples": int(settings.num_samples),
+            "num_samples": shard_counts[shard_no],
             "temperature": float(settings.temperature),
             "top_k": int(settings.top_k),
             "top_p": float(settings.top_p),
@@ -111,7 +123,7 @@ def sample_problems(
         from factory.sampling.ray_pool import RayReplicas, ray_session
 
         # Each shard is one job, sampled whole by one replica exactly as below; the driver writes it.
-        jobs = {f"{n:05d}": {**job(shards[n]), "batch_size": int(settings.batch_size)} for n in pending}
+        jobs = {f"{n:05d}": {**job(n), "batch_size": int(settings.batch_size)} for n in pending}
         with ray_session(cluster):
             pool = RayReplicas(cluster, settings, policy=policy, dtype=dtype)
             ray_pids = pool.pids
@@ -129,7 +141,7 @@ def sample_problems(
         for shard_no in tqdm(
             pending, desc=f"E-step iter {iteration} shards", unit="shard", disable=not pending
         ):
-            kwargs = job(shards[shard_no])
+            kwargs = job(shard_no)
             prompts = kwargs.pop("prompts")
             if settings.backend == "vllm":
                 if sampler is None:
@@ -177,6 +189,10 @@ def sample_problems(
     return result
 
 
+class NothingToSampleError(RuntimeError):
+    """The curriculum skipped every training problem: there is nothing left for an E-step to sample."""
+
+
 def worker_pool(settings: DictConfig):
     """The HF backend's ``GenerationWorkers`` for ``settings.workers`` / ``settings.threads``."""
     from factory.sampling.workers import GenerationWorkers
@@ -203,6 +219,12 @@ def e_step(cfg: DictConfig, *, stages, iteration: int) -> dict:
     from factory.versioning import sampling_inputs
 
     out = stages.run_dir.stage(iteration, "samples")
+    problems, counts = stages.plan(iteration)
+    if not problems:
+        raise NothingToSampleError(
+            f"iteration {iteration}: the curriculum left no training problem to sample (every one was "
+            f"solved at >= curriculum.skip_solved_at={cfg.curriculum.skip_solved_at} of the time)"
+        )
     sampling, inputs = stages.sampling(iteration), stages.samples(iteration)
     policy = sampling["policy"]
 
@@ -218,7 +240,7 @@ def e_step(cfg: DictConfig, *, stages, iteration: int) -> dict:
             else load_policy(policy, dtype=cfg.model.dtype),
             tokenizer=load_tokenizer(policy),
             task=stages.task,
-            problems=stages.train_problems,
+            problems=problems,
             out_dir=out,
             settings=cfg.sampler,
             policy=str(policy),
@@ -226,8 +248,11 @@ def e_step(cfg: DictConfig, *, stages, iteration: int) -> dict:
             draw=sampling["draw"],
             dtype=str(cfg.model.dtype),
             cluster=cfg.cluster,
+            num_samples=counts,
         )
 
+    if counts is not None:  # a curriculum's plan: the cache holds whole E-steps of K samples per problem
+        return generate()
     key_inputs = sampling_inputs(
         cfg,
         policy_fingerprint=sampling["policy_fingerprint"],

@@ -144,6 +144,7 @@ class StageInputs:
         self.cfg, self.task, self.run_dir = cfg, task, run_dir
         self._prompts: dict[tuple[str, str], str] = {}
         self._pairs: dict[int | str, str] = {}
+        self._plans: dict[int, tuple[list[dict], dict[str, int]]] = {}
 
     @cached_property
     def base(self):
@@ -183,6 +184,25 @@ class StageInputs:
         """The model iteration ``k`` evaluates: the base for 0, else its trained model."""
         return self.base if k == 0 else self.run_dir.stage(k, "model")
 
+    def plan(self, k: int) -> tuple[list[dict], dict[str, int] | None]:
+        """The problems iteration ``k``'s E-step samples and the samples each gets (None: all problems,
+        ``sampler.num_samples`` each; ``factory.curriculum``)."""
+        from factory import curriculum
+
+        if not curriculum.is_active(self.cfg):
+            return self.train_problems, None
+        if k not in self._plans:
+            rates = curriculum.latest_pass_rates(self.run_dir, k)
+            self._plans[k] = curriculum.plan(self.train_problems, rates, self.cfg)
+        return self._plans[k]
+
+    def _plan_sha(self, k: int) -> str:
+        """The fingerprint of what ``k`` samples: the training problems, or the curriculum's plan."""
+        problems, counts = self.plan(k)
+        if counts is None:
+            return self._problems_sha["train"]
+        return digest({"problems": problems_fingerprint(problems), "samples per problem": counts})
+
     def sampling(self, k: int) -> dict:
         """Iteration ``k``'s E-step: its policy, the fingerprints its samples depend on, its draw."""
 
@@ -190,7 +210,7 @@ class StageInputs:
         return {
             "policy": policy,
             "policy_fingerprint": weights_fingerprint(policy),
-            "problems_sha": self._problems_sha["train"],
+            "problems_sha": self._plan_sha(k),
             "prompts_sha": self._prompts_sha("train", policy),
             "draw": policy_draw(self.run_dir, k),
         }

@@ -41,7 +41,9 @@ def _per_sample_sampler(calls: list[int]):
         sampler=None,
         dtype="float32",
         cluster=None,
+        num_samples=None,
     ):
+        assert num_samples is None  # no curriculum in these tests
         calls.append(int(settings.num_samples))
         rows = []
         for p in problems:
