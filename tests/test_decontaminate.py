@@ -302,3 +302,55 @@ def test_training_overlaps_on_real_gsm8k():
     ]
     found = {o["train_problem_id"]: o["eval_problem_id"] for o in training_overlaps(train, index)}
     assert found.get("train-1314") == "test-602" and len(found) < 20
+
+
+@pytest.mark.slow
+def test_loop_reports_and_drops_a_planted_test_duplicate(make_cfg, easy_arith, monkeypatch):
+    """The shrunken arith loop with the check on and test problem 0 planted as training problem 0. Every
+    sample is judged correct, so the planted problem's samples reach the snapshot's checks."""
+    import factory.loop as loop
+    from factory.tasks import ArithTask
+
+    load, verify = ArithTask.load_problems, ArithTask.verify
+
+    def planted(self, *, split, limit=None):
+        problems = load(self, split=split, limit=limit)
+        if split == "train":
+            test = load(self, split="test")[0]
+            problems = [{**test, "problem_id": problems[0]["problem_id"], "split": "train"}, *problems[1:]]
+        return problems
+
+    def lenient(self, problems, completions, *, strictness=None):
+        verdicts = verify(self, problems, completions, strictness=strictness)
+        return [{**v, "reward": 1.0, "status": "correct"} for v in verdicts]
+
+    monkeypatch.setattr(ArithTask, "load_problems", planted)
+    monkeypatch.setattr(ArithTask, "verify", lenient)
+    cfg = make_cfg(
+        *easy_arith,
+        "snapshot.decontaminate=true",
+        "loop.iterations=1",
+        "loop.sft_baseline=false",
+        "task.num_train=16",
+        "task.num_test=8",
+        "eval.num_samples=2",
+        "eval.ks=[1,2]",
+    )
+    loop.run(cfg)
+    run_dir = RunDir(cfg.paths.run_dir)
+    record = read_json(run_dir.root / "decontamination.json")
+    assert ("arith-train-00000", "arith-test-00000") in {
+        (o["train_problem_id"], o["eval_problem_id"]) for o in record["overlaps"]
+    }
+    samples = pl.read_parquet(run_dir.stage(1, "samples") / "*.parquet")
+    planted_rows = samples.filter(pl.col("problem_id") == "arith-train-00000")
+    assert planted_rows.height == cfg.sampler.num_samples
+    question = build_task(cfg.task).load_problems(split="test")[0]["question"]
+    assert all(question in prompt for prompt in planted_rows["prompt"])  # the prompt holds the statement
+    manifest = read_json(run_dir.stage(1, "dataset") / "manifest.json")
+    assert manifest["decontaminate"] is True and manifest["num_dropped_prompt_overlap"] > 0
+    ds = load_from_disk(str(run_dir.stage(1, "dataset")))["train"]
+    assert len(ds) > 0 and "arith-train-00000" not in ds["problem_id"]
+    report = (run_dir.root / "report.md").read_text()
+    assert "## Decontamination" in report and "| arith-train-00000 | arith-test-00000 (test) |" in report
+    assert f"| 1 | {manifest['num_after_dedupe']} | {manifest['num_dropped_prompt_overlap']} |" in report
