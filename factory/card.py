@@ -2,7 +2,8 @@
 
 The YAML block holds the Hub's own fields (``configs``, ``dataset_info``, ``license``, ``tags``, ...) and a
 ``restem`` mapping from config name to that snapshot's lineage (version, base model, parent policy,
-iteration, counts per verdict status, samples cut at the token limit, cap, dedupe), so the lineage
+iteration, counts per verdict status, samples cut at the token limit, cap, dedupe, rows dropped by
+decontamination), so the lineage
 travels with the data and a later push can read it back (``read_lineage``).
 """
 
@@ -29,6 +30,11 @@ LINEAGE_FIELDS = (
     "dedupe",
     "num_problems",
     "num_problems_solved",
+    "decontaminate",
+    "ngram",
+    "eval_splits",
+    "num_dropped_prompt_overlap",
+    "num_dropped_completion_overlap",
 )
 TAGS = ["rest-em", "self-training", "synthetic", "verified"]
 
@@ -116,7 +122,18 @@ def _section(name: str, entry: dict) -> str:
 | cut at the token limit (all / correct, dropped) | {entry.get("num_truncated")} / {entry.get("num_dropped_truncated")} |
 | cap per problem | {entry.get("max_per_problem")} (dedupe: {entry.get("dedupe")}) |
 | problems with a kept solution | {entry.get("num_problems_solved")} of {entry.get("num_problems")} |
+| decontamination (dropped: prompt / completion overlap) | {_decontamination(entry)} |
 """
+
+
+def _decontamination(entry: dict) -> str:
+    if not entry.get("decontaminate"):
+        return "off"
+    splits = ", ".join(entry.get("eval_splits") or [])
+    return (
+        f"{entry.get('num_dropped_prompt_overlap')} / {entry.get('num_dropped_completion_overlap')} "
+        f"(word {entry.get('ngram')}-grams vs the {splits} split(s), before the cap)"
+    )
 
 
 def read_lineage(card_path: Path) -> dict[str, dict]:

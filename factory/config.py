@@ -223,6 +223,10 @@ class TrainerConfig:
 class SnapshotConfig:
     max_per_problem: int = 10  # the paper's cap, so easy problems do not dominate
     dedupe: bool = True
+    # Drop kept rows whose prompt or completion shares a word n-gram with the run's evaluation sets
+    # (factory/decontaminate.py); before the cap.
+    decontaminate: bool = True
+    ngram: int = 13  # GPT-3's n
 
 
 @dataclass
@@ -373,6 +377,7 @@ def validate(cfg: DictConfig) -> None:
         "eval.num_samples",
         "eval.batch_size",
         "snapshot.max_per_problem",
+        "snapshot.ngram",
         "logger.every_n_steps",
     ]
     for key in positive:

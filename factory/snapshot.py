@@ -16,10 +16,21 @@ import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
 from factory.config import hydra_entry
+from factory.decontaminate import OverlapIndex, drop_overlapping
 from factory.faults import kill_point
 from factory.rundir import atomic_dir, mark_done, scan_shards, write_json, write_text
 
 DATASET_COLUMNS = ["problem_id", "sample_idx", "prompt", "completion", "num_tokens", "answer", "steps_valid"]
+_NO_CAP = 2**62  # select_kept's cap when decontamination caps afterwards
+# Manifest fields of decontamination (None when snapshot.decontaminate is off).
+_DECON_FIELDS = (
+    "ngram",
+    "eval_splits",
+    "num_eval_texts",
+    "num_dropped_prompt_overlap",
+    "num_dropped_completion_overlap",
+    "decontamination_examples",
+)
 
 
 def select_kept(
@@ -116,19 +127,39 @@ def build_snapshot(
     dedupe: bool,
     lineage: dict,
     settings: dict,
+    index: OverlapIndex | None = None,
 ) -> dict:
     """Writes ``out_dir`` (DatasetDict + card + manifest) atomically and returns the manifest.
 
     The shards are scanned lazily (see :func:`select_kept`), so memory grows with the kept samples, not
-    with everything the E-step generated.
+    with everything the E-step generated. With an ``index`` of evaluation texts, rows whose prompt or
+    completion overlaps one are dropped after dedupe and *before* the cap, so a problem still keeps up to
+    ``max_per_problem`` clean solutions (``decontaminate.drop_overlapping``).
     """
     from datasets import Dataset, DatasetDict
     from datasets.table import InMemoryTable
 
     start = time.time()
     kept, counts = select_kept(
-        scan_shards(samples_dir), scan_shards(verdicts_dir), max_per_problem=max_per_problem, dedupe=dedupe
+        scan_shards(samples_dir),
+        scan_shards(verdicts_dir),
+        max_per_problem=max_per_problem if index is None else _NO_CAP,
+        dedupe=dedupe,
     )
+    counts.update({"decontaminate": index is not None, **dict.fromkeys(_DECON_FIELDS)})
+    if index is not None:
+        kept, dropped = drop_overlapping(kept, index)
+        kept = kept.filter(pl.int_range(pl.len()).over("problem_id") < max_per_problem)
+        counts.update(
+            num_kept=kept.height,
+            num_problems_solved=kept["problem_id"].n_unique(),
+            ngram=index.n,
+            eval_splits=index.splits,
+            num_eval_texts=index.num_texts,
+            num_dropped_prompt_overlap=dropped["num_dropped_prompt"],
+            num_dropped_completion_overlap=dropped["num_dropped_completion"],
+            decontamination_examples=dropped["examples"],
+        )
     inputs = sorted(Path(samples_dir).glob("shard-*.parquet")) + sorted(
         Path(verdicts_dir).glob("shard-*.parquet")
     )
@@ -172,6 +203,7 @@ def run(cfg: DictConfig) -> dict:
     """Builds iteration ``iteration``'s snapshot; a finished one of the same version is skipped, one of
     another version refused. Samples and verdicts that record other inputs than this config's are
     refused before building (ones that record none, e.g. written by hand, are taken as they are)."""
+    from factory.decontaminate import check_training_problems
     from factory.stage_inputs import stage_inputs
 
     k = int(cfg.iteration)
@@ -186,6 +218,7 @@ def run(cfg: DictConfig) -> dict:
                 )
             if "inputs" in stages.run_dir.stage_info(k, stage):
                 stages.is_current(k, stage)
+        check_training_problems(stages)
         return snapshot_stage(
             cfg,
             run_dir=stages.run_dir,
@@ -193,12 +226,25 @@ def run(cfg: DictConfig) -> dict:
             base=stages.base,
             policy=stages.sampling(k)["policy"],
             identity=stages.snapshot(k),
+            index=stages.overlap_index,
         )
 
 
-def snapshot_stage(cfg: DictConfig, *, run_dir, iteration: int, base, policy, identity: dict) -> dict:
+def snapshot_stage(
+    cfg: DictConfig,
+    *,
+    run_dir,
+    iteration: int,
+    base,
+    policy,
+    identity: dict,
+    index: OverlapIndex | None = None,
+) -> dict:
     """Builds iteration ``iteration``'s snapshot from its finished samples and verdicts, with its lineage
-    (``identity``: the version and its inputs, from ``versioning.snapshot_identity``)."""
+    (``identity``: the version and its inputs, from ``versioning.snapshot_identity``) and, with
+    ``snapshot.decontaminate``, without the rows that overlap ``index`` (``StageInputs.overlap_index``)."""
+    if cfg.snapshot.decontaminate and index is None:
+        raise ValueError("snapshot.decontaminate is on, but no index of evaluation texts was given")
     return build_snapshot(
         samples_dir=run_dir.stage(iteration, "samples"),
         verdicts_dir=run_dir.stage(iteration, "verdicts"),
@@ -213,6 +259,7 @@ def snapshot_stage(cfg: DictConfig, *, run_dir, iteration: int, base, policy, id
             **identity,
         },
         settings={n: OmegaConf.to_container(cfg[n], resolve=True) for n in ("task", "sampler", "snapshot")},
+        index=index if cfg.snapshot.decontaminate else None,
     )
 
 

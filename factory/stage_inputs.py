@@ -10,7 +10,8 @@ never reused or overwritten. docs/run_directory.md has the table and the reasons
     samples   sampler.* but throughput keys; model.dtype           policy weights, problems, rendered
                                                                    prompts, policy draw
     verdicts  task.* verifier settings                             the samples' recorded inputs
-    dataset   its version (versioning.snapshot_inputs, manifest.json)
+    dataset   its version (versioning.snapshot_inputs, manifest.json), with the evaluation texts it is
+              decontaminated against
     model     trainer.* but placement/speed keys (the global       base model weights, training data
               batch instead); model.dtype; loop.include_human_data
     eval      eval.* but batch_size; sampler.* keys generation      model weights, problems, rendered
@@ -233,6 +234,28 @@ class StageInputs:
     def verdicts(self, k: int) -> dict:
         return verdicts_inputs(self.cfg, self.run_dir.stage(k, "samples"))
 
+    @cached_property
+    def eval_texts(self) -> list[dict]:
+        """The evaluation texts snapshots are decontaminated against (none when that is off)."""
+        from factory.decontaminate import evaluation_texts
+
+        return evaluation_texts(self.task, self.cfg) if self.cfg.snapshot.decontaminate else []
+
+    @cached_property
+    def overlap_index(self):
+        """The n-gram index of :attr:`eval_texts` (None when ``snapshot.decontaminate`` is off)."""
+        from factory.decontaminate import OverlapIndex
+
+        if not self.cfg.snapshot.decontaminate:
+            return None
+        return OverlapIndex(self.eval_texts, n=int(self.cfg.snapshot.ngram))
+
+    @cached_property
+    def _eval_texts_sha(self) -> str | None:
+        from factory.decontaminate import texts_fingerprint
+
+        return texts_fingerprint(self.eval_texts) if self.cfg.snapshot.decontaminate else None
+
     def snapshot(self, k: int) -> dict:
         """Iteration ``k``'s snapshot identity (version, name, inputs: ``versioning.snapshot_identity``)."""
         s = self.sampling(k)
@@ -242,6 +265,7 @@ class StageInputs:
             problems_sha=s["problems_sha"],
             prompts_sha=s["prompts_sha"],
             iteration=k,
+            eval_texts_sha=self._eval_texts_sha,
         )
 
     def training_pairs(self, k: int | str) -> list[dict]:

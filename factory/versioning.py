@@ -1,7 +1,8 @@
 """Content-addressed versions: a snapshot's id is a hash of everything that made it.
 
 The inputs are the sampling policy's *weights* (not its path), the training problems, the prompts as
-the task renders them, the sampler, verifier and snapshot settings and the seeds. The same inputs give
+the task renders them, the sampler, verifier and snapshot settings, the evaluation texts the rows are
+decontaminated against, and the seeds. The same inputs give
 the same version wherever the run directory lives (sweep jobs, resumed runs); a changed input gives a
 new one. A finished snapshot is never overwritten: a run directory whose snapshot has another version is
 refused (``check_snapshot_version``).
@@ -132,9 +133,19 @@ def sampling_inputs(
 
 
 def snapshot_inputs(
-    cfg: DictConfig, *, policy_fingerprint: str, problems_sha: str, prompts_sha: str, iteration: int
+    cfg: DictConfig,
+    *,
+    policy_fingerprint: str,
+    problems_sha: str,
+    prompts_sha: str,
+    iteration: int,
+    eval_texts_sha: str | None = None,
 ) -> dict:
-    """Everything that determines iteration ``iteration``'s snapshot: the version's preimage."""
+    """Everything that determines iteration ``iteration``'s snapshot: the version's preimage.
+
+    ``eval_texts_sha`` fingerprints the evaluation texts the rows are decontaminated against
+    (``decontaminate.texts_fingerprint``; None when ``snapshot.decontaminate`` is off).
+    """
     return {
         **sampling_inputs(
             cfg,
@@ -146,6 +157,7 @@ def snapshot_inputs(
         "num_samples": int(cfg.sampler.num_samples),
         "verifier": _settings(cfg, "task", TASK_THROUGHPUT_KEYS),
         "snapshot": OmegaConf.to_container(cfg.snapshot, resolve=True),
+        "eval_texts": eval_texts_sha,
         "seed": int(cfg.seed),
     }
 
@@ -161,7 +173,13 @@ def snapshot_name(task: str, iteration: int, version: str) -> str:
 
 
 def snapshot_identity(
-    cfg: DictConfig, *, policy_fingerprint: str, problems_sha: str, prompts_sha: str, iteration: int
+    cfg: DictConfig,
+    *,
+    policy_fingerprint: str,
+    problems_sha: str,
+    prompts_sha: str,
+    iteration: int,
+    eval_texts_sha: str | None = None,
 ) -> dict:
     """The version, name, policy fingerprint and hashed inputs of iteration ``iteration``'s snapshot."""
     inputs = snapshot_inputs(
@@ -170,6 +188,7 @@ def snapshot_identity(
         problems_sha=problems_sha,
         prompts_sha=prompts_sha,
         iteration=iteration,
+        eval_texts_sha=eval_texts_sha,
     )
     version = snapshot_version(inputs)
     return {
