@@ -304,7 +304,5 @@ def test_restem_runs_the_tiny_reasoning_gym_recipe_end_to_end(tmp_path):
     assert summary[1]["num_kept"] > 0  # some samples were judged correct by score_answer
     assert all(0.0 <= row["greedy_accuracy"] <= 1.0 for row in summary)
     report = (run_dir / "report.md").read_text()
-    assert (
-        "| iteration |" in report
-        and "chain_sum" in (run_dir / "iter_1" / "dataset" / "README.md").read_text()
-    )
+    assert "| iteration |" in report and "chain_sum-train-" in report  # the verifier audit's examples
+    assert "| task | reasoning_gym |" in (run_dir / "iter_1" / "dataset" / "README.md").read_text()
