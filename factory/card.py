@@ -2,7 +2,8 @@
 
 The YAML block holds the Hub's own fields (``configs``, ``dataset_info``, ``license``, ``tags``, ...) and a
 ``restem`` mapping from config name to that snapshot's lineage (version, base model, parent policy,
-iteration, counts per verdict status, samples cut at the token limit, cap, dedupe), so the lineage
+iteration, counts per verdict status, samples cut at the token limit, cap, dedupe, and with
+``snapshot.label=majority`` the pseudo-labels' precision against the hidden gold), so the lineage
 travels with the data and a later push can read it back (``read_lineage``).
 """
 
@@ -29,6 +30,8 @@ LINEAGE_FIELDS = (
     "dedupe",
     "num_problems",
     "num_problems_solved",
+    "label",
+    "pseudo_labels",
 )
 TAGS = ["rest-em", "self-training", "synthetic", "verified"]
 
@@ -116,7 +119,27 @@ def _section(name: str, entry: dict) -> str:
 | cut at the token limit (all / correct, dropped) | {entry.get("num_truncated")} / {entry.get("num_dropped_truncated")} |
 | cap per problem | {entry.get("max_per_problem")} (dedupe: {entry.get("dedupe")}) |
 | problems with a kept solution | {entry.get("num_problems_solved")} of {entry.get("num_problems")} |
-"""
+{_pseudo_label_rows(entry.get("pseudo_labels"))}"""
+
+
+def _pseudo_label_rows(stats: dict | None) -> str:
+    """Table rows for a snapshot labelled by majority vote (factory/pseudo_labels.py); "" for gold labels."""
+    if not stats:
+        return ""
+
+    def pct(value):
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    return (
+        f"| labels | majority vote (min_votes {stats['min_votes']}, min_share {stats['min_share']}): "
+        f"{stats['num_labelled']} of {stats['num_problems']} problems labelled |\n"
+        f"| label precision vs the hidden gold | {pct(stats['label_precision'])} "
+        f"({stats['num_labels_correct']}/{stats['num_labelled_with_gold']}) |\n"
+        f"| kept precision vs the hidden gold | {pct(stats['kept_precision'])} "
+        f"({stats['num_kept_correct']}/{stats['num_kept_with_gold']}) |\n"
+        f"| gold selection would keep | {stats['gold_num_kept']} samples of {stats['gold_num_problems_solved']} "
+        "problems |\n"
+    )
 
 
 def read_lineage(card_path: Path) -> dict[str, dict]:

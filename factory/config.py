@@ -223,6 +223,11 @@ class TrainerConfig:
 class SnapshotConfig:
     max_per_problem: int = 10  # the paper's cap, so easy problems do not dominate
     dedupe: bool = True
+    # gold: keep samples the verifier judges correct; majority: keep samples that agree with the answer
+    # most of a problem's samples agree on (factory/pseudo_labels.py), the gold used only to measure
+    label: str = "gold"
+    min_votes: int = 2  # majority: the label's samples at least (>= 2: samples that all disagree never label)
+    min_share: float = 0.5  # majority: and at least this share of the problem's samples
 
 
 @dataclass
@@ -327,6 +332,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "logger.kind": ("none", "tensorboard"),
     "cluster.kind": ("local", "ray"),
+    "snapshot.label": ("gold", "majority"),
 }
 
 
@@ -398,6 +404,7 @@ def validate(cfg: DictConfig) -> None:
         raise ValueError(f"config error: eval.ks must be >= 1, got {list(cfg.eval.ks)}")
     _validate_model_choice(cfg)
     _validate_cluster(cfg.cluster)
+    _validate_labels(cfg)
     if cfg.logger.kind == "tensorboard":
         from factory.tracking import INSTALL, tensorboard_installed
 
@@ -410,6 +417,23 @@ def validate(cfg: DictConfig) -> None:
                 "config error: model.tiny.hidden_size / model.tiny.num_heads must be an integer >= 32 "
                 f"(vLLM's CPU attention kernels), got {tiny.hidden_size}/{tiny.num_heads}"
             )
+
+
+def _validate_labels(cfg: DictConfig) -> None:
+    """``snapshot.label`` and the majority-vote thresholds (factory/pseudo_labels.py)."""
+    snapshot = cfg.snapshot
+    if snapshot.min_votes < 2:
+        raise ValueError(
+            f"config error: snapshot.min_votes must be >= 2 (one vote would label a problem whose samples "
+            f"all disagree), got {snapshot.min_votes}"
+        )
+    if not 0.0 < snapshot.min_share <= 1.0:
+        raise ValueError(f"config error: snapshot.min_share must be in (0, 1], got {snapshot.min_share}")
+    if snapshot.label == "majority" and cfg.task.name in ("humaneval", "mbpp", "apps"):
+        raise ValueError(
+            f"config error: snapshot.label=majority needs final answers to vote on; task {cfg.task.name} "
+            "is judged by unit tests (use snapshot.label=gold)"
+        )
 
 
 RAY_INSTALL = "config error: cluster=ray needs Ray: pip install -e '.[ray]' (ray[data])"

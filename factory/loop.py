@@ -19,6 +19,7 @@ from eval.report import format_table, write_report
 from eval.significance import gains_section
 from factory.audit import audit_iteration, format_audit
 from factory.config import hydra_entry, validate
+from factory.pseudo_labels import format_section, read_manifests
 from factory.rundir import RunDir, read_json, write_json
 from factory.sample import e_step
 from factory.snapshot import snapshot_stage
@@ -105,12 +106,13 @@ def _run(cfg: DictConfig, run_dir: RunDir, task, start: float) -> list[dict]:
         if run_dir.is_done(k, "verdicts")
     }
     gains = gains_section({row["iteration"]: run_dir.stage(row["iteration"], "eval") for row in rows})
+    labels = format_section(read_manifests(run_dir, range(1, cfg.loop.iterations + 1)))
     paths = write_report(
         rows,
         run_dir.root,
         title=f"ReST-EM run: {cfg.name}",
         split=cfg.eval.split,
-        appendix="\n".join(part for part in (gains, format_audit(audits)) if part),
+        appendix="\n".join(part for part in (gains, labels, format_audit(audits)) if part),
     )
     print(f"\n{format_table(rows)}\n")
     print(f"summary: {run_dir.summary}\nreport:  {paths['report']}\nplot:    {paths['plot']}")
@@ -139,6 +141,8 @@ def _iteration(cfg: DictConfig, stages: StageInputs, k: int) -> None:
             base=stages.base,
             policy=stages.sampling(k)["policy"],
             identity=stages.snapshot(k),
+            task=stages.task,
+            problems=stages.train_problems,
         )
     manifest = read_json(run_dir.stage(k, "dataset") / "manifest.json")
     if manifest["num_kept"] == 0 and cfg.loop.include_human_data:

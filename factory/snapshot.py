@@ -28,8 +28,13 @@ def select_kept(
     *,
     max_per_problem: int,
     dedupe: bool,
+    chosen: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, dict]:
     """Joins samples with verdicts and keeps the correct ones, deduplicated and capped per problem.
+
+    ``chosen`` (``snapshot.label=majority``: the keys of the samples that agree with their problem's
+    majority-vote label, from ``factory.pseudo_labels.vote``) replaces "the verdict's reward > 0" as what
+    counts as correct; the gold then plays no part in what is kept.
 
     A sample cut at the token limit (``finish_reason == "length"``) is never kept, even when the verifier
     judged it correct: its text stops mid-solution, and training on it with an end token appended would
@@ -67,11 +72,12 @@ def select_kept(
         raise ValueError(f"{num_samples} samples but {num_verdicts} verdicts: verification is incomplete")
     if num_matched.item() != num_samples:
         raise ValueError("samples and verdicts do not match one to one on (problem_id, sample_idx)")
-    correct = (
-        samples.join(verdicts.filter(pl.col("reward") > 0).select(key + extra), on=key, how="inner")
-        .sort(key)
-        .collect()
-    )
+    if chosen is None:
+        picked = verdicts.filter(pl.col("reward") > 0)
+    else:
+        keys = chosen.lazy().select(key).cast(verdicts.select(key).collect_schema())
+        picked = verdicts.join(keys, on=key, how="semi")
+    correct = samples.join(picked.select(key + extra), on=key, how="inner").sort(key).collect()
     complete = correct.filter(~truncated)
     deduped = (
         complete.unique(subset=["problem_id", "completion"], keep="first", maintain_order=True)
@@ -116,19 +122,30 @@ def build_snapshot(
     dedupe: bool,
     lineage: dict,
     settings: dict,
+    majority=None,
 ) -> dict:
     """Writes ``out_dir`` (DatasetDict + card + manifest) atomically and returns the manifest.
 
     The shards are scanned lazily (see :func:`select_kept`), so memory grows with the kept samples, not
-    with everything the E-step generated.
+    with everything the E-step generated. ``majority`` (a ``factory.pseudo_labels.Majority``) keeps the
+    samples that agree with majority-vote labels instead of the verifier's correct ones, and records the
+    labels' precision against the hidden gold under ``pseudo_labels``.
     """
     from datasets import Dataset, DatasetDict
     from datasets.table import InMemoryTable
 
     start = time.time()
-    kept, counts = select_kept(
-        scan_shards(samples_dir), scan_shards(verdicts_dir), max_per_problem=max_per_problem, dedupe=dedupe
-    )
+    samples, verdicts = scan_shards(samples_dir), scan_shards(verdicts_dir)
+    if majority is None:
+        kept, counts = select_kept(samples, verdicts, max_per_problem=max_per_problem, dedupe=dedupe)
+        counts["label"] = "gold"
+    else:
+        from factory.pseudo_labels import select_and_measure
+
+        kept, counts, stats = select_and_measure(
+            samples, verdicts, majority, max_per_problem=max_per_problem, dedupe=dedupe
+        )
+        counts.update(label="majority", pseudo_labels=stats)
     inputs = sorted(Path(samples_dir).glob("shard-*.parquet")) + sorted(
         Path(verdicts_dir).glob("shard-*.parquet")
     )
@@ -193,12 +210,25 @@ def run(cfg: DictConfig) -> dict:
             base=stages.base,
             policy=stages.sampling(k)["policy"],
             identity=stages.snapshot(k),
+            task=stages.task,
+            problems=stages.train_problems,
         )
 
 
-def snapshot_stage(cfg: DictConfig, *, run_dir, iteration: int, base, policy, identity: dict) -> dict:
+def snapshot_stage(
+    cfg: DictConfig, *, run_dir, iteration: int, base, policy, identity: dict, task=None, problems=None
+) -> dict:
     """Builds iteration ``iteration``'s snapshot from its finished samples and verdicts, with its lineage
-    (``identity``: the version and its inputs, from ``versioning.snapshot_identity``)."""
+    (``identity``: the version and its inputs, from ``versioning.snapshot_identity``). With
+    ``snapshot.label=majority``, ``task`` groups the answers and ``problems`` (its training split) carry
+    the golds that only measure the labels."""
+    majority = None
+    if cfg.snapshot.get("label", "gold") == "majority":
+        from factory.pseudo_labels import Majority
+
+        if task is None or problems is None:
+            raise ValueError("snapshot.label=majority: the snapshot stage needs the task and its problems")
+        majority = Majority.from_config(cfg, task=task, problems=problems)
     return build_snapshot(
         samples_dir=run_dir.stage(iteration, "samples"),
         verdicts_dir=run_dir.stage(iteration, "verdicts"),
@@ -213,6 +243,7 @@ def snapshot_stage(cfg: DictConfig, *, run_dir, iteration: int, base, policy, id
             **identity,
         },
         settings={n: OmegaConf.to_container(cfg[n], resolve=True) for n in ("task", "sampler", "snapshot")},
+        majority=majority,
     )
 
 
