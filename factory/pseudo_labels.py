@@ -191,51 +191,6 @@ def measure(
     }
 
 
-def select_and_measure(
-    samples, verdicts, majority: Majority, *, max_per_problem: int, dedupe: bool
-) -> tuple[pl.DataFrame, dict, dict]:
-    """Majority selection and its measurement: (kept rows, counts as ``select_kept``'s, pseudo-label stats)."""
-    from factory.snapshot import select_kept
-
-    labels, chosen = vote(samples, verdicts, majority)
-    kept, counts = select_kept(
-        samples, verdicts, max_per_problem=max_per_problem, dedupe=dedupe, chosen=chosen
-    )
-    _, gold_counts = select_kept(samples, verdicts, max_per_problem=max_per_problem, dedupe=dedupe)
-    return kept, counts, measure(labels, kept, verdicts, majority, gold_counts=gold_counts)
-
-
-def measure_run(cfg, iteration: int, *, min_votes: int | None = None, min_share: float | None = None) -> dict:
-    """Pseudo-label stats of a finished run's iteration ``iteration`` (its samples and verdicts), whatever
-    label mode it ran with: what majority voting would label and keep there, and how precise that is.
-
-    ``cfg`` is the run's config (e.g. ``<run_dir>/config.yaml``); the thresholds default to its
-    ``snapshot.*``. Writes nothing.
-    """
-    from factory.rundir import RunDir, scan_shards
-    from factory.tasks import build_task
-
-    run_dir = RunDir(cfg.paths.run_dir)
-    for stage in ("samples", "verdicts"):
-        if not run_dir.is_done(iteration, stage):
-            raise FileNotFoundError(f"{run_dir.stage(iteration, stage)} is not finished")
-    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
-    try:
-        majority = Majority.from_config(cfg, task=task, problems=task.load_problems(split="train"))
-        majority.min_votes = majority.min_votes if min_votes is None else int(min_votes)
-        majority.min_share = majority.min_share if min_share is None else float(min_share)
-        _, _, stats = select_and_measure(
-            scan_shards(run_dir.stage(iteration, "samples")),
-            scan_shards(run_dir.stage(iteration, "verdicts")),
-            majority,
-            max_per_problem=int(cfg.snapshot.max_per_problem),
-            dedupe=bool(cfg.snapshot.dedupe),
-        )
-    finally:
-        task.close()
-    return stats
-
-
 def format_section(manifests: dict[int, dict]) -> str:
     """The report's "Pseudo-labels" section: one row per iteration labelled by majority vote ("" if none)."""
     rows = {k: m["pseudo_labels"] for k, m in sorted(manifests.items()) if m.get("pseudo_labels")}

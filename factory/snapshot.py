@@ -100,6 +100,62 @@ def select_kept(
     return kept.select([c for c in DATASET_COLUMNS if c in kept.columns]), counts
 
 
+def select_majority(
+    samples, verdicts, majority, *, max_per_problem: int, dedupe: bool
+) -> tuple[pl.DataFrame, dict, dict]:
+    """``snapshot.label=majority`` (``majority``: a ``factory.pseudo_labels.Majority``): keeps the samples
+    that agree with their problem's majority-vote label, and measures the labels against the hidden gold.
+
+    Returns:
+        (kept rows, counts as :func:`select_kept`'s, pseudo-label stats: ``factory.pseudo_labels.measure``)
+    """
+    from factory.pseudo_labels import measure, vote
+
+    labels, chosen = vote(samples, verdicts, majority)
+    kept, counts = select_kept(
+        samples, verdicts, max_per_problem=max_per_problem, dedupe=dedupe, chosen=chosen
+    )
+    _, gold_counts = select_kept(samples, verdicts, max_per_problem=max_per_problem, dedupe=dedupe)
+    return kept, counts, measure(labels, kept, verdicts, majority, gold_counts=gold_counts)
+
+
+def measure_pseudo_labels(
+    cfg: DictConfig, iteration: int, *, min_votes: int | None = None, min_share: float | None = None
+) -> dict:
+    """Pseudo-label stats of a finished run's iteration ``iteration`` (its samples and verdicts), whatever
+    label mode it ran with: what majority voting labels and keeps there, and how precise that is against
+    the gold. ``cfg`` is the run's config (``<run_dir>/config.yaml``); the thresholds default to its
+    ``snapshot.*``. Writes nothing."""
+    from factory.pseudo_labels import Majority
+    from factory.rundir import RunDir
+    from factory.tasks import build_task
+
+    run_dir = RunDir(cfg.paths.run_dir)
+    for stage in ("samples", "verdicts"):
+        if not run_dir.is_done(iteration, stage):
+            raise FileNotFoundError(f"{run_dir.stage(iteration, stage)} is not finished")
+    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
+    try:
+        majority = Majority.from_config(cfg, task=task, problems=task.load_problems(split="train"))
+        if min_votes is not None or min_share is not None:
+            majority = Majority(
+                task,
+                majority.problems,
+                min_votes=majority.min_votes if min_votes is None else int(min_votes),
+                min_share=majority.min_share if min_share is None else float(min_share),
+                require_steps=majority.require_steps,
+            )
+        return select_majority(
+            scan_shards(run_dir.stage(iteration, "samples")),
+            scan_shards(run_dir.stage(iteration, "verdicts")),
+            majority,
+            max_per_problem=int(cfg.snapshot.max_per_problem),
+            dedupe=bool(cfg.snapshot.dedupe),
+        )[2]
+    finally:
+        task.close()
+
+
 def fingerprint(paths: list[Path], settings: dict) -> str:
     """sha256 over the input shards' bytes and the settings that shaped them."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
@@ -140,9 +196,7 @@ def build_snapshot(
         kept, counts = select_kept(samples, verdicts, max_per_problem=max_per_problem, dedupe=dedupe)
         counts["label"] = "gold"
     else:
-        from factory.pseudo_labels import select_and_measure
-
-        kept, counts, stats = select_and_measure(
+        kept, counts, stats = select_majority(
             samples, verdicts, majority, max_per_problem=max_per_problem, dedupe=dedupe
         )
         counts.update(label="majority", pseudo_labels=stats)

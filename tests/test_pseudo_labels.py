@@ -13,9 +13,9 @@ from datasets import load_from_disk
 
 from factory.config import compose
 from factory.judge import judge
-from factory.pseudo_labels import Majority, select_and_measure, vote
+from factory.pseudo_labels import Majority, vote
 from factory.rundir import read_json
-from factory.snapshot import build_snapshot, select_kept
+from factory.snapshot import build_snapshot, measure_pseudo_labels, select_kept, select_majority
 from factory.tasks import build_task
 from factory.verifiers import arith as arith_verifier
 
@@ -103,7 +103,7 @@ def test_gsm8k_majority_labels_and_their_precision(gsm8k):
     assert sorted(labelled) == [0, 1, 4, 6]  # not 2 (all disagree), 3 (tie), 5 (one vote)
     assert float(labelled[1]) == golds[1] + 1 and all(float(labelled[i]) == golds[i] for i in (0, 4, 6))
     assert labels["num_votes"].to_list() == [4, 3, 1, 2, 2, 1, 2]  # the cut sample of problem 6 did not vote
-    kept, counts, stats = select_and_measure(samples, verdicts, majority, max_per_problem=10, dedupe=True)
+    kept, counts, stats = select_majority(samples, verdicts, majority, max_per_problem=10, dedupe=True)
     assert Counter(kept["problem_id"]) == {
         problems[0]["problem_id"]: 4,
         problems[1]["problem_id"]: 3,
@@ -135,14 +135,14 @@ def test_gold_never_influences_what_is_kept(gsm8k):
     corrupted[2] = {**corrupted[2], "answer": None}
     _, bad_verdicts = _frames(task, corrupted, plan)
     assert not bad_verdicts["reward"].equals(verdicts["reward"])
-    kept, _, _ = select_and_measure(
+    kept, _, _ = select_majority(
         samples,
         verdicts,
         Majority.from_config(cfg, task=task, problems=problems),
         max_per_problem=10,
         dedupe=True,
     )
-    bad_kept, _, bad_stats = select_and_measure(
+    bad_kept, _, bad_stats = select_majority(
         samples,
         bad_verdicts,
         Majority.from_config(cfg, task=task, problems=corrupted),
@@ -292,6 +292,9 @@ def test_arith_loop_reports_label_precision(make_cfg, easy_arith):
     assert stats["num_problems"] == 40 and stats["num_labelled"] == labelled
     assert stats["num_labels_correct"] == correct and stats["num_labelled_with_gold"] == labelled
     assert stats["label_precision"] == (correct / labelled if labelled else None)
+    assert measure_pseudo_labels(cfg, 1) == stats  # the same numbers from the run dir alone
+    looser = measure_pseudo_labels(cfg, 1, min_share=0.25)
+    assert looser["num_labelled"] >= labelled and looser["gold_num_kept"] == stats["gold_num_kept"]
     kept = load_from_disk(str(run_dir.stage(1, "dataset")))["train"]
     assert len(kept) == manifest["num_kept"] == stats["num_kept"]
     report = (run_dir.root / "report.md").read_text()
