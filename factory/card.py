@@ -3,8 +3,8 @@
 The YAML block holds the Hub's own fields (``configs``, ``dataset_info``, ``license``, ``tags``, ...) and a
 ``restem`` mapping from config name to that snapshot's lineage (version, base model, parent policy,
 iteration, counts per verdict status, samples cut at the token limit, cap, dedupe, rows dropped by
-decontamination), so the lineage
-travels with the data and a later push can read it back (``read_lineage``).
+decontamination, and with ``snapshot.label=majority`` the pseudo-labels' precision against the hidden
+gold), so the lineage travels with the data and a later push can read it back (``read_lineage``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ LINEAGE_FIELDS = (
     "eval_splits",
     "num_dropped_prompt_overlap",
     "num_dropped_completion_overlap",
+    "label",
+    "pseudo_labels",
 )
 TAGS = ["rest-em", "self-training", "synthetic", "verified"]
 
@@ -123,7 +125,27 @@ def _section(name: str, entry: dict) -> str:
 | cap per problem | {entry.get("max_per_problem")} (dedupe: {entry.get("dedupe")}) |
 | problems with a kept solution | {entry.get("num_problems_solved")} of {entry.get("num_problems")} |
 | decontamination (dropped: prompt / completion overlap) | {_decontamination(entry)} |
-"""
+{_pseudo_label_rows(entry.get("pseudo_labels"))}"""
+
+
+def _pseudo_label_rows(stats: dict | None) -> str:
+    """Table rows for a snapshot labelled by majority vote (factory/pseudo_labels.py); "" for gold labels."""
+    if not stats:
+        return ""
+
+    def pct(value):
+        return "n/a" if value is None else f"{100 * value:.1f}%"
+
+    return (
+        f"| labels | majority vote (min_votes {stats['min_votes']}, min_share {stats['min_share']}): "
+        f"{stats['num_labelled']} of {stats['num_problems']} problems labelled |\n"
+        f"| label precision vs the hidden gold | {pct(stats['label_precision'])} "
+        f"({stats['num_labels_correct']}/{stats['num_labelled_with_gold']}) |\n"
+        f"| kept precision vs the hidden gold | {pct(stats['kept_precision'])} "
+        f"({stats['num_kept_correct']}/{stats['num_kept_with_gold']}) |\n"
+        f"| gold selection would keep | {stats['gold_num_kept']} samples of {stats['gold_num_problems_solved']} "
+        "problems |\n"
+    )
 
 
 def _decontamination(entry: dict) -> str:

@@ -248,6 +248,11 @@ class SnapshotConfig:
     # (factory/decontaminate.py); before the cap.
     decontaminate: bool = True
     ngram: int = 13  # GPT-3's n
+    # gold: keep samples the verifier judges correct; majority: keep samples that agree with the answer
+    # most of a problem's samples agree on (factory/pseudo_labels.py), the gold used only to measure
+    label: str = "gold"
+    min_votes: int = 2  # majority: the label's samples at least (>= 2: samples that all disagree never label)
+    min_share: float = 0.5  # majority: and at least this share of the problem's samples
 
 
 @dataclass
@@ -364,6 +369,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "logger.kind": ("none", "tensorboard"),
     "cluster.kind": ("local", "ray"),
+    "snapshot.label": ("gold", "majority"),
 }
 
 
@@ -441,6 +447,7 @@ def validate(cfg: DictConfig) -> None:
     from factory.curriculum import validate_curriculum
 
     validate_curriculum(cfg)
+    _validate_labels(cfg)
     if cfg.logger.kind == "tensorboard":
         from factory.tracking import INSTALL, tensorboard_installed
 
@@ -512,6 +519,23 @@ def _validate_reasoning_gym(task: DictConfig) -> None:
         raise ValueError(
             "config error: task.verifier_workers must be >= 1 and task.verifier_timeout > 0, got "
             f"{task.verifier_workers} and {task.verifier_timeout}"
+        )
+
+
+def _validate_labels(cfg: DictConfig) -> None:
+    """``snapshot.label`` and the majority-vote thresholds (factory/pseudo_labels.py)."""
+    snapshot = cfg.snapshot
+    if snapshot.min_votes < 2:
+        raise ValueError(
+            f"config error: snapshot.min_votes must be >= 2 (one vote would label a problem whose samples "
+            f"all disagree), got {snapshot.min_votes}"
+        )
+    if not 0.0 < snapshot.min_share <= 1.0:
+        raise ValueError(f"config error: snapshot.min_share must be in (0, 1], got {snapshot.min_share}")
+    if snapshot.label == "majority" and cfg.task.name in ("humaneval", "mbpp", "apps"):
+        raise ValueError(
+            f"config error: snapshot.label=majority needs final answers to vote on; task {cfg.task.name} "
+            "is judged by unit tests (use snapshot.label=gold)"
         )
 
 

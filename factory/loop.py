@@ -22,6 +22,7 @@ from factory.config import hydra_entry, validate
 from factory.curriculum import format_yield, yield_by_bucket
 from factory.decontaminate import check_training_problems
 from factory.decontaminate import format_section as format_decontamination
+from factory.pseudo_labels import format_section as format_labels, read_manifests
 from factory.rundir import RunDir, read_json, write_json
 from factory.sample import NothingToSampleError, e_step
 from factory.snapshot import snapshot_stage
@@ -114,18 +115,17 @@ def _run(cfg: DictConfig, run_dir: RunDir, task, start: float) -> list[dict]:
     }
     gains = gains_section({row["iteration"]: run_dir.stage(row["iteration"], "eval") for row in rows})
     yields = format_yield(yield_by_bucket(run_dir, list(range(1, cfg.loop.iterations + 1))))
-    manifests = {
-        k: read_json(run_dir.stage(k, "dataset") / "manifest.json")
-        for k in range(1, cfg.loop.iterations + 1)
-        if run_dir.is_done(k, "dataset")
-    }
+    manifests = read_manifests(run_dir, range(1, cfg.loop.iterations + 1))
+    labels = format_labels(manifests)
     decontamination = format_decontamination(overlaps, manifests)
     paths = write_report(
         rows,
         run_dir.root,
         title=f"ReST-EM run: {cfg.name}",
         split=cfg.eval.split,
-        appendix="\n".join(part for part in (gains, yields, decontamination, format_audit(audits)) if part),
+        appendix="\n".join(
+            part for part in (gains, labels, yields, decontamination, format_audit(audits)) if part
+        ),
     )
     print(f"\n{format_table(rows)}\n")
     print(f"summary: {run_dir.summary}\nreport:  {paths['report']}\nplot:    {paths['plot']}")
@@ -155,6 +155,8 @@ def _iteration(cfg: DictConfig, stages: StageInputs, k: int) -> None:
             policy=stages.sampling(k)["policy"],
             identity=stages.snapshot(k),
             index=stages.overlap_index,
+            task=stages.task,
+            problems=stages.train_problems,
         )
     manifest = read_json(run_dir.stage(k, "dataset") / "manifest.json")
     if manifest["num_kept"] == 0 and cfg.loop.include_human_data:

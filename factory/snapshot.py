@@ -39,8 +39,13 @@ def select_kept(
     *,
     max_per_problem: int,
     dedupe: bool,
+    chosen: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, dict]:
     """Joins samples with verdicts and keeps the correct ones, deduplicated and capped per problem.
+
+    ``chosen`` (``snapshot.label=majority``: the keys of the samples that agree with their problem's
+    majority-vote label, from ``factory.pseudo_labels.vote``) replaces "the verdict's reward > 0" as what
+    counts as correct; the gold then plays no part in what is kept.
 
     A sample cut at the token limit (``finish_reason == "length"``) is never kept, even when the verifier
     judged it correct: its text stops mid-solution, and training on it with an end token appended would
@@ -78,11 +83,12 @@ def select_kept(
         raise ValueError(f"{num_samples} samples but {num_verdicts} verdicts: verification is incomplete")
     if num_matched.item() != num_samples:
         raise ValueError("samples and verdicts do not match one to one on (problem_id, sample_idx)")
-    correct = (
-        samples.join(verdicts.filter(pl.col("reward") > 0).select(key + extra), on=key, how="inner")
-        .sort(key)
-        .collect()
-    )
+    if chosen is None:
+        picked = verdicts.filter(pl.col("reward") > 0)
+    else:
+        keys = chosen.lazy().select(key).cast(verdicts.select(key).collect_schema())
+        picked = verdicts.join(keys, on=key, how="semi")
+    correct = samples.join(picked.select(key + extra), on=key, how="inner").sort(key).collect()
     complete = correct.filter(~truncated)
     deduped = (
         complete.unique(subset=["problem_id", "completion"], keep="first", maintain_order=True)
@@ -103,6 +109,62 @@ def select_kept(
         "num_problems_solved": kept["problem_id"].n_unique(),
     }
     return kept.select([c for c in DATASET_COLUMNS if c in kept.columns]), counts
+
+
+def select_majority(
+    samples, verdicts, majority, *, max_per_problem: int, dedupe: bool
+) -> tuple[pl.DataFrame, dict, dict]:
+    """``snapshot.label=majority`` (``majority``: a ``factory.pseudo_labels.Majority``): keeps the samples
+    that agree with their problem's majority-vote label, and measures the labels against the hidden gold.
+
+    Returns:
+        (kept rows, counts as :func:`select_kept`'s, pseudo-label stats: ``factory.pseudo_labels.measure``)
+    """
+    from factory.pseudo_labels import measure, vote
+
+    labels, chosen = vote(samples, verdicts, majority)
+    kept, counts = select_kept(
+        samples, verdicts, max_per_problem=max_per_problem, dedupe=dedupe, chosen=chosen
+    )
+    _, gold_counts = select_kept(samples, verdicts, max_per_problem=max_per_problem, dedupe=dedupe)
+    return kept, counts, measure(labels, kept, verdicts, majority, gold_counts=gold_counts)
+
+
+def measure_pseudo_labels(
+    cfg: DictConfig, iteration: int, *, min_votes: int | None = None, min_share: float | None = None
+) -> dict:
+    """Pseudo-label stats of a finished run's iteration ``iteration`` (its samples and verdicts), whatever
+    label mode it ran with: what majority voting labels and keeps there, and how precise that is against
+    the gold. ``cfg`` is the run's config (``<run_dir>/config.yaml``); the thresholds default to its
+    ``snapshot.*``. Writes nothing."""
+    from factory.pseudo_labels import Majority
+    from factory.rundir import RunDir
+    from factory.tasks import build_task
+
+    run_dir = RunDir(cfg.paths.run_dir)
+    for stage in ("samples", "verdicts"):
+        if not run_dir.is_done(iteration, stage):
+            raise FileNotFoundError(f"{run_dir.stage(iteration, stage)} is not finished")
+    task = build_task(cfg.task, data_dir=cfg.paths.data_dir)
+    try:
+        majority = Majority.from_config(cfg, task=task, problems=task.load_problems(split="train"))
+        if min_votes is not None or min_share is not None:
+            majority = Majority(
+                task,
+                majority.problems,
+                min_votes=majority.min_votes if min_votes is None else int(min_votes),
+                min_share=majority.min_share if min_share is None else float(min_share),
+                require_steps=majority.require_steps,
+            )
+        return select_majority(
+            scan_shards(run_dir.stage(iteration, "samples")),
+            scan_shards(run_dir.stage(iteration, "verdicts")),
+            majority,
+            max_per_problem=int(cfg.snapshot.max_per_problem),
+            dedupe=bool(cfg.snapshot.dedupe),
+        )[2]
+    finally:
+        task.close()
 
 
 def fingerprint(paths: list[Path], settings: dict) -> str:
@@ -128,23 +190,34 @@ def build_snapshot(
     lineage: dict,
     settings: dict,
     index: OverlapIndex | None = None,
+    majority=None,
 ) -> dict:
     """Writes ``out_dir`` (DatasetDict + card + manifest) atomically and returns the manifest.
 
     The shards are scanned lazily (see :func:`select_kept`), so memory grows with the kept samples, not
     with everything the E-step generated. With an ``index`` of evaluation texts, rows whose prompt or
     completion overlaps one are dropped after dedupe and *before* the cap, so a problem still keeps up to
-    ``max_per_problem`` clean solutions (``decontaminate.drop_overlapping``).
+    ``max_per_problem`` clean solutions (``decontaminate.drop_overlapping``). ``majority`` (a
+    ``factory.pseudo_labels.Majority``) keeps the samples that agree with majority-vote labels instead of
+    the verifier's correct ones, and records the labels' precision against the hidden gold (of the rows
+    finally kept) under ``pseudo_labels``.
     """
     from datasets import Dataset, DatasetDict
     from datasets.table import InMemoryTable
 
     start = time.time()
+    samples, verdicts = scan_shards(samples_dir), scan_shards(verdicts_dir)
+    labels = chosen = None
+    if majority is not None:
+        from factory.pseudo_labels import vote
+
+        labels, chosen = vote(samples, verdicts, majority)
     kept, counts = select_kept(
-        scan_shards(samples_dir),
-        scan_shards(verdicts_dir),
+        samples,
+        verdicts,
         max_per_problem=max_per_problem if index is None else _NO_CAP,
         dedupe=dedupe,
+        chosen=chosen,
     )
     counts.update({"decontaminate": index is not None, **dict.fromkeys(_DECON_FIELDS)})
     if index is not None:
@@ -160,6 +233,13 @@ def build_snapshot(
             num_dropped_completion_overlap=dropped["num_dropped_completion"],
             decontamination_examples=dropped["examples"],
         )
+    counts["label"] = "gold" if majority is None else "majority"
+    if majority is not None:
+        from factory.pseudo_labels import measure
+
+        # What gold selection would keep (before decontamination), for comparison.
+        _, gold_counts = select_kept(samples, verdicts, max_per_problem=max_per_problem, dedupe=dedupe)
+        counts["pseudo_labels"] = measure(labels, kept, verdicts, majority, gold_counts=gold_counts)
     inputs = sorted(Path(samples_dir).glob("shard-*.parquet")) + sorted(
         Path(verdicts_dir).glob("shard-*.parquet")
     )
@@ -227,6 +307,8 @@ def run(cfg: DictConfig) -> dict:
             policy=stages.sampling(k)["policy"],
             identity=stages.snapshot(k),
             index=stages.overlap_index,
+            task=stages.task,
+            problems=stages.train_problems,
         )
 
 
@@ -239,12 +321,23 @@ def snapshot_stage(
     policy,
     identity: dict,
     index: OverlapIndex | None = None,
+    task=None,
+    problems=None,
 ) -> dict:
     """Builds iteration ``iteration``'s snapshot from its finished samples and verdicts, with its lineage
     (``identity``: the version and its inputs, from ``versioning.snapshot_identity``) and, with
-    ``snapshot.decontaminate``, without the rows that overlap ``index`` (``StageInputs.overlap_index``)."""
+    ``snapshot.decontaminate``, without the rows that overlap ``index`` (``StageInputs.overlap_index``).
+    With ``snapshot.label=majority``, ``task`` groups the answers and ``problems`` (its training split)
+    carry the golds that only measure the labels."""
     if cfg.snapshot.decontaminate and index is None:
         raise ValueError("snapshot.decontaminate is on, but no index of evaluation texts was given")
+    majority = None
+    if cfg.snapshot.get("label", "gold") == "majority":
+        from factory.pseudo_labels import Majority
+
+        if task is None or problems is None:
+            raise ValueError("snapshot.label=majority: the snapshot stage needs the task and its problems")
+        majority = Majority.from_config(cfg, task=task, problems=problems)
     return build_snapshot(
         samples_dir=run_dir.stage(iteration, "samples"),
         verdicts_dir=run_dir.stage(iteration, "verdicts"),
@@ -260,6 +353,7 @@ def snapshot_stage(
         },
         settings={n: OmegaConf.to_container(cfg[n], resolve=True) for n in ("task", "sampler", "snapshot")},
         index=index if cfg.snapshot.decontaminate else None,
+        majority=majority,
     )
 
 

@@ -156,10 +156,23 @@ def snapshot_inputs(
         ),
         "num_samples": int(cfg.sampler.num_samples),
         "verifier": _settings(cfg, "task", TASK_THROUGHPUT_KEYS),
-        "snapshot": OmegaConf.to_container(cfg.snapshot, resolve=True),
+        "snapshot": snapshot_settings(cfg),
         "eval_texts": eval_texts_sha,
         "seed": int(cfg.seed),
     }
+
+
+# Keys that only majority-vote labelling reads: with snapshot.label=gold they change nothing, so they stay
+# out of a gold snapshot's version (snapshots made before the keys existed keep theirs).
+MAJORITY_KEYS = ("label", "min_votes", "min_share")
+
+
+def snapshot_settings(cfg: DictConfig) -> dict:
+    """The ``snapshot.*`` settings that shape the snapshot (the majority keys only with label=majority)."""
+    values = OmegaConf.to_container(cfg.snapshot, resolve=True)
+    if values.get("label", "gold") == "gold":
+        values = {k: v for k, v in values.items() if k not in MAJORITY_KEYS}
+    return values
 
 
 def snapshot_version(inputs: dict) -> str:

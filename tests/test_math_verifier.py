@@ -177,8 +177,17 @@ def test_wrong(completion, gold, detail):
 def test_unparseable_and_bad_gold():
     assert verify_one("I don't know, sorry.", "3")["status"] == "unparseable"
     assert verify_one(None, "3")["status"] == "unparseable"
-    assert verify_one("\\boxed{3}", "")["status"] == "gold_unparseable"
-    assert verify_one("\\boxed{3}", None)["status"] == "gold_unparseable"
+    # No gold: the answer is still extracted (majority-vote labels read it), reward 0.
+    for gold in ("", None, "  "):
+        assert verify_one("\\boxed{3}", gold) == {
+            "reward": 0.0,
+            "status": "no_gold",
+            "detail": "answer '3'; the problem has no gold",
+            "answer": "3",
+        }
+    assert verify_one("no answer here", None)["status"] == "unparseable"
+    unusable = verify_one("\\boxed{3}", "x" * 600)
+    assert (unusable["status"], unusable["answer"]) == ("gold_unparseable", "3")
 
 
 # --- the pool ---------------------------------------------------------------------------------

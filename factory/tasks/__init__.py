@@ -88,6 +88,11 @@ class ArithTask:
         one id per distinct integer; None stays None."""
         return arith_verifier.answer_classes([p["answer"] for p in problems], answers)
 
+    def group_answers(self, answers: list[list[str | None]]) -> list[list[int | None]]:
+        """Per problem, a class id for each sampled answer with no gold (majority-vote labels): integers
+        equal as integers share one; None stays None."""
+        return arith_verifier.group_answers(answers)
+
     def human_data_fingerprint(self) -> dict:
         """The config items that determine the human split (key of the cached tiny base model)."""
         # prompt_style joins the key only when it changes the solutions, so that the cached tiny base

@@ -20,7 +20,7 @@ from factory.tasks.loading import (
     select_split,
     to_problems,
 )
-from factory.verifiers.math import answer_classes, make_pool, verify_batch
+from factory.verifiers.math import answer_classes, group_answers, make_pool, verify_batch
 
 PROMPT_STYLES = ("plain", "fewshot", "chat")
 SOURCES = ("local", "hub")
@@ -168,6 +168,11 @@ class _BenchmarkTask:
         return answer_classes(
             golds, answers, timeout=float(self.cfg.verifier_timeout), pool=self._verifier_pool()
         )
+
+    def group_answers(self, answers: list[list[str | None]]) -> list[list[int | None]]:
+        """Per problem, the math-verify equivalence class of each sampled answer with no gold at all
+        (majority-vote labels); None stays None. Runs in the verifier's worker pool."""
+        return group_answers(answers, timeout=float(self.cfg.verifier_timeout), pool=self._verifier_pool())
 
     def _verifier_pool(self):
         """The verifier's worker pool, started on first use and reused until :meth:`close`."""

@@ -273,8 +273,8 @@ def _verdict(reward: float, status: str, detail: str, answer: str | None, steps_
     }
 
 
-def _judge(completion: object, gold: str, strictness: str) -> dict:
-    """Judge one completion against a canonical gold answer."""
+def _judge(completion: object, gold: str | None, strictness: str) -> dict:
+    """Judge one completion against a canonical gold answer (None: the problem has none)."""
     if not isinstance(completion, str):
         return _verdict(
             0.0, "unparseable", f"completion is {type(completion).__name__}, not str", None, False
@@ -290,6 +290,8 @@ def _judge(completion: object, gold: str, strictness: str) -> dict:
     equations = _equations(completion, cut)
     first_false = next((text for text, ok, _ in equations if not ok), None)
     steps_valid = bool(equations) and first_false is None and equations[-1][2] == int(answer)
+    if gold is None:
+        return _verdict(0.0, "no_gold", f"answer {answer}; the problem has no gold", answer, steps_valid)
     if answer != gold:
         return _verdict(0.0, "wrong", f"answer {answer} != gold {gold}", answer, steps_valid)
     if strictness == "steps" and not steps_valid:
@@ -308,13 +310,15 @@ def verify_batch(completions: list[str], answers: list[str], *, strictness: str 
 
     Args:
         completions: Model outputs; non-str entries are judged ``"unparseable"``.
-        answers: Gold answers as integer strings, one per completion.
+        answers: Gold answers as integer strings, one per completion; None or blank: the problem has no
+            gold, and a completion with an answer gets status ``"no_gold"`` (reward 0) with that answer.
         strictness: ``"answer"`` rewards a correct final answer; ``"steps"`` also requires every
             equation to be true and the last one to equal the answer.
 
     Returns:
         One verdict per completion: ``{"reward", "status", "detail", "answer", "steps_valid"}``
-        with status ``"correct"``, ``"wrong"`` or ``"unparseable"``.
+        with status ``"correct"``, ``"wrong"``, ``"unparseable"`` or ``"no_gold"``. ``answer`` and
+        ``steps_valid`` never depend on the gold.
 
     Raises:
         ValueError: On an unknown strictness, mismatched lengths, or a gold answer that is not an
@@ -326,7 +330,8 @@ def verify_batch(completions: list[str], answers: list[str], *, strictness: str 
         raise ValueError(f"got {len(completions)} completions but {len(answers)} answers")
     verdicts = []
     for completion, gold in zip(completions, answers, strict=True):
-        verdicts.append(_judge(completion, _canonical_gold(gold), strictness))
+        missing = gold is None or not str(gold).strip()
+        verdicts.append(_judge(completion, None if missing else _canonical_gold(gold), strictness))
     return verdicts
 
 
@@ -362,8 +367,32 @@ def answer_classes(golds: list[str], answers: list[list[str | None]]) -> list[li
             if answer is None:
                 classes.append(None)
                 continue
-            key = _canonical_int(answer.strip()) if re.fullmatch(rf"-?{_INT}", answer.strip()) else None
-            key = key if key is not None else f"text:{answer}"
-            classes.append(ids.setdefault(key, len(ids)))
+            classes.append(ids.setdefault(_answer_key(answer), len(ids)))
         result.append(classes)
     return result
+
+
+def group_answers(answers: list[list[str | None]]) -> list[list[int | None]]:
+    """Equivalence classes of each problem's sampled answers with no gold (majority-vote labels).
+
+    Integers are equal as integers (``"007"`` and ``"7"`` share a class); ids count up from 1 in order of
+    first appearance; None stays None.
+    """
+    result = []
+    for per in answers:
+        ids: dict[str, int] = {}
+        classes: list[int | None] = []
+        for answer in per:
+            if answer is None:
+                classes.append(None)
+                continue
+            classes.append(ids.setdefault(_answer_key(answer), len(ids) + 1))
+        result.append(classes)
+    return result
+
+
+def _answer_key(answer: str) -> str:
+    """An answer's identity for voting: its canonical integer, else its text."""
+    text = answer.strip()
+    key = _canonical_int(text) if re.fullmatch(rf"-?{_INT}", text) else None
+    return key if key is not None else f"text:{answer}"

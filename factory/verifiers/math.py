@@ -202,24 +202,44 @@ def _verdict(reward: float, status: str, detail: str, answer: str | None = None)
     return {"reward": reward, "status": status, "detail": detail, "answer": answer}
 
 
-def verify_one(completion: str, gold: str, *, math_verify_timeout: int | None = None) -> dict:
+def verify_one(completion: str, gold: str | None, *, math_verify_timeout: int | None = None) -> dict:
     """Judge one completion against a gold answer.
+
+    The extracted ``answer`` never depends on the gold (majority-vote labels read it with the gold
+    hidden): a problem without a gold (None or blank) gets status ``"no_gold"`` with the answer, an
+    unusable gold ``"gold_unparseable"`` with the answer; both reward 0.
 
     Args:
         completion: Model output.
-        gold: Gold answer text (e.g. ``"72"`` or ``"\\frac{1}{2}"``).
+        gold: Gold answer text (e.g. ``"72"`` or ``"\\frac{1}{2}"``); None or blank: no gold.
         math_verify_timeout: math-verify's own signal-based timeout in seconds. Leave None inside
             the pool (which enforces its own deadline); set it only in a main thread.
 
     Returns:
         ``{"reward", "status", "detail", "answer"}``; status is ``"correct"``, ``"wrong"``,
-        ``"unparseable"`` or ``"gold_unparseable"``.
+        ``"unparseable"``, ``"no_gold"`` or ``"gold_unparseable"``.
     """
-    if not isinstance(gold, str) or not gold.strip() or len(gold) > MAX_ANSWER_CHARS:
-        return _verdict(0.0, "gold_unparseable", f"unusable gold {str(gold)[:80]!r}")
+    judged = _committed_answer(completion, math_verify_timeout)
+    if isinstance(judged, dict):
+        return judged  # unparseable or hedged: no gold could make it correct
+    answer, parsed = judged
+    if gold is None or (isinstance(gold, str) and not gold.strip()):
+        return _verdict(0.0, "no_gold", f"answer {answer[:80]!r}; the problem has no gold", answer)
+    if not isinstance(gold, str) or len(gold) > MAX_ANSWER_CHARS:
+        return _verdict(0.0, "gold_unparseable", f"unusable gold {str(gold)[:80]!r}", answer)
     gold_parsed = _parse(gold, math_verify_timeout)
     if not gold_parsed:
-        return _verdict(0.0, "gold_unparseable", f"math-verify cannot parse gold {gold[:80]!r}")
+        return _verdict(0.0, "gold_unparseable", f"math-verify cannot parse gold {gold[:80]!r}", answer)
+    if _num_values(parsed) > 1 and _num_values(gold_parsed) == 1:
+        return _verdict(0.0, "wrong", f"hedged: several values {answer[:80]!r} for one gold", answer)
+    if _matches_gold(gold_parsed, parsed, math_verify_timeout):
+        return _verdict(1.0, "correct", f"{answer[:80]!r} matches gold {gold[:80]!r}", answer)
+    return _verdict(0.0, "wrong", f"{answer[:80]!r} != gold {gold[:80]!r}", answer)
+
+
+def _committed_answer(completion, timeout: int | None) -> tuple[str, list] | dict:
+    """The one answer a completion commits to, as ``(text, parsed)``, else its zero-reward verdict
+    (unparseable, too long, hedged between distinct answers)."""
     if not isinstance(completion, str):
         return _verdict(0.0, "unparseable", f"completion is {type(completion).__name__}, not str")
     candidates = extract_answers(completion)
@@ -230,8 +250,8 @@ def verify_one(completion: str, gold: str, *, math_verify_timeout: int | None = 
         return _verdict(0.0, "wrong", f"answer too long ({len(too_long[0])} chars)")
     distinct: list[tuple[str, list]] = []
     for text in candidates:
-        parsed = _parse(text, math_verify_timeout)
-        if not parsed or any(_same(seen, parsed, math_verify_timeout) for _, seen in distinct):
+        parsed = _parse(text, timeout)
+        if not parsed or any(_same(seen, parsed, timeout) for _, seen in distinct):
             continue
         distinct.append((text, parsed))
         if len(distinct) > 1:
@@ -240,12 +260,7 @@ def verify_one(completion: str, gold: str, *, math_verify_timeout: int | None = 
             return _verdict(0.0, "wrong", f"hedged between distinct answers {shown}")
     if not distinct:
         return _verdict(0.0, "unparseable", f"math-verify cannot parse {candidates[-1][:80]!r}")
-    answer, parsed = distinct[0]
-    if _num_values(parsed) > 1 and _num_values(gold_parsed) == 1:
-        return _verdict(0.0, "wrong", f"hedged: several values {answer[:80]!r} for one gold", answer)
-    if _matches_gold(gold_parsed, parsed, math_verify_timeout):
-        return _verdict(1.0, "correct", f"{answer[:80]!r} matches gold {gold[:80]!r}", answer)
-    return _verdict(0.0, "wrong", f"{answer[:80]!r} != gold {gold[:80]!r}", answer)
+    return distinct[0]
 
 
 def _matches_gold(gold_parsed: list, parsed: list, timeout: int | None) -> bool:
@@ -404,7 +419,26 @@ def answer_classes(
     result = []
     for gold, texts, classes, per in zip(golds, distinct, grouped, answers, strict=True):
         if classes is None:
-            classes = [0 if t.strip() == str(gold).strip() else i + 1 for i, t in enumerate(texts)]
+            same_as_gold = [gold is not None and t.strip() == str(gold).strip() for t in texts]
+            classes = [
+                0 if same else i + 1 for i, (t, same) in enumerate(zip(texts, same_as_gold, strict=True))
+            ]
         of_text = dict(zip(texts, classes, strict=True))
         result.append([None if a is None else of_text[a] for a in per])
     return result
+
+
+def group_answers(
+    answers: list[list[str | None]],
+    *,
+    timeout: float = 5.0,
+    workers: int = 2,
+    pool: DeadlinePool | None = None,
+) -> list[list[int | None]]:
+    """Equivalence classes of each problem's sampled answers with no gold at all (majority-vote labels).
+
+    :func:`answer_classes` with every gold hidden: answers math-verify finds equal (either direction) share
+    a class, ids count up from 1 in order of first appearance, None stays None; a problem whose grouping
+    overruns its deadline falls back to exact text.
+    """
+    return answer_classes([None] * len(answers), answers, timeout=timeout, workers=workers, pool=pool)
