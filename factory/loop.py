@@ -22,7 +22,8 @@ from factory.config import hydra_entry, validate
 from factory.curriculum import format_yield, yield_by_bucket
 from factory.decontaminate import check_training_problems
 from factory.decontaminate import format_section as format_decontamination
-from factory.pseudo_labels import format_section as format_labels, read_manifests
+from factory.pseudo_labels import format_section as format_labels
+from factory.pseudo_labels import read_manifests
 from factory.rundir import RunDir, read_json, write_json
 from factory.sample import NothingToSampleError, e_step
 from factory.snapshot import snapshot_stage
