@@ -537,6 +537,15 @@ def _validate_labels(cfg: DictConfig) -> None:
             f"config error: snapshot.label=majority needs final answers to vote on; task {cfg.task.name} "
             "is judged by unit tests (use snapshot.label=gold)"
         )
+    if snapshot.label == "majority":
+        from factory.tasks import TASKS
+
+        task_class = TASKS.get(cfg.task.name)
+        if task_class is not None and not hasattr(task_class, "group_answers"):
+            raise ValueError(
+                f"config error: snapshot.label=majority needs a task that groups answers; task "
+                f"{cfg.task.name} has no group_answers (use snapshot.label=gold)"
+            )
 
 
 RAY_INSTALL = "config error: cluster=ray needs Ray: pip install -e '.[ray]' (ray[data])"

@@ -5,7 +5,8 @@ A problem's pass rate in an iteration is the share of its samples the verifier j
 from the latest rate each problem has (the last iteration before k that sampled it):
 
 - ``curriculum.skip_solved_at=p``: problems solved at least ``p`` of the time are not sampled again (the
-  policy already yields their solutions; the paper's gains are in the medium and hard buckets);
+  paper's gains are in the medium and hard buckets); their latest kept solutions are carried into the
+  M-step's data (:func:`carried_pairs`), since every M-step trains the base model afresh;
 - ``curriculum.rare_below=q`` with ``curriculum.rare_samples=n``: problems solved less than ``q`` of the
   time (never-solved ones included) get ``n`` samples instead of ``sampler.num_samples``.
 
@@ -76,7 +77,28 @@ def plan(problems: list[dict], rates: dict[str, float], cfg: DictConfig) -> tupl
         rare = rate is not None and c.rare_below is not None and rate < c.rare_below
         kept.append(problem)
         counts[problem["problem_id"]] = int(c.rare_samples) if rare else default
+    if len(kept) == len(problems) and set(counts.values()) <= {default}:
+        return problems, None  # no change (iteration 1): the plain E-step, its inputs and the sample cache
     return kept, counts
+
+
+def carried_pairs(run_dir, iteration: int, sampled: set[str]) -> list[dict]:
+    """The kept solutions of the problems iteration ``iteration`` skipped, from the latest earlier snapshot
+    that has some: the M-step trains the base model on one iteration's data, so without them a skipped
+    (already solved) problem would drop out of every later model's training data."""
+    from datasets import load_from_disk
+
+    carried: dict[str, list[dict]] = {}
+    for k in range(iteration - 1, 0, -1):
+        if not run_dir.is_done(k, "dataset"):
+            continue
+        ds = load_from_disk(str(run_dir.stage(k, "dataset")))["train"]
+        found: dict[str, list[dict]] = {}
+        for pid, prompt, completion in zip(ds["problem_id"], ds["prompt"], ds["completion"], strict=True):
+            if pid not in sampled and pid not in carried:
+                found.setdefault(pid, []).append({"prompt": prompt, "completion": completion})
+        carried.update(found)
+    return [pair for pid in sorted(carried) for pair in carried[pid]]
 
 
 def validate_curriculum(cfg: DictConfig) -> None:
@@ -86,6 +108,13 @@ def validate_curriculum(cfg: DictConfig) -> None:
         value = c[key]
         if value is not None and not 0.0 < value <= 1.0:
             raise ValueError(f"config error: curriculum.{key} must be in (0, 1] or null, got {value}")
+    if c.rare_samples is not None and c.rare_below is None:
+        raise ValueError("config error: curriculum.rare_samples is set but curriculum.rare_below is null")
+    if is_active(cfg) and cfg.snapshot.get("label", "gold") == "majority":
+        raise ValueError(
+            "config error: curriculum.* with snapshot.label=majority: pass rates are judged against the "
+            "gold, which majority labelling must not read (turn the curriculum off)"
+        )
     if c.rare_below is not None and (
         c.rare_samples is None or c.rare_samples <= int(cfg.sampler.num_samples)
     ):

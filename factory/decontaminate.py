@@ -136,21 +136,30 @@ def texts_fingerprint(texts: list[dict]) -> str:
     return h.hexdigest()
 
 
-def drop_overlapping(rows: pl.DataFrame, index: OverlapIndex) -> tuple[pl.DataFrame, dict]:
-    """Drops rows whose prompt or completion overlaps an evaluation text.
+def drop_overlapping(
+    rows: pl.DataFrame, index: OverlapIndex, *, statements: dict[str, str] | None = None
+) -> tuple[pl.DataFrame, dict]:
+    """Drops rows whose problem or completion overlaps an evaluation text.
 
-    A row whose prompt and completion both overlap counts under ``prompt``. Each distinct prompt is checked
-    once (a problem's samples share it).
+    The problem check reads the problem's statement (``statements``: problem id -> ``question``), not the
+    rendered prompt, whose few-shot exemplars and instruction every prompt shares: one exemplar that
+    overlaps a test text would otherwise drop every row. A row of a problem without a statement there (or
+    with no ``statements``) is checked by its prompt. Reason ``prompt`` covers both; a row whose problem and
+    completion both overlap counts under ``prompt``. Each problem is checked once.
 
     Returns:
         (the clean rows in order, ``{"num_dropped_prompt", "num_dropped_completion", "examples"}``)
     """
-    prompt_hits = {p: index.find(p) for p in rows["prompt"].unique().to_list()}
+    statements = statements or {}
+    problem_hits: dict[tuple[str, str], dict | None] = {}
     reasons, examples = [], []
     for problem_id, sample_idx, prompt, completion in rows.select(
         "problem_id", "sample_idx", "prompt", "completion"
     ).iter_rows():
-        hit, reason = prompt_hits[prompt], "prompt"
+        key = (problem_id, prompt)
+        if key not in problem_hits:
+            problem_hits[key] = index.find(statements.get(problem_id, prompt))
+        hit, reason = problem_hits[key], "prompt"
         if hit is None:
             hit, reason = index.find(completion), "completion"
         reasons.append(reason if hit else None)
@@ -176,7 +185,7 @@ def check_training_problems(stages) -> dict | None:
     run dir and returns that record (None, and nothing written, when ``snapshot.decontaminate`` is off).
 
     The E-step still samples them (its recorded inputs stay those of existing runs); their samples are
-    dropped from the snapshots by the prompt check, as the prompt holds the statement.
+    dropped from the snapshots by the same check of their statement (``drop_overlapping``).
 
     Args:
         stages: the run's ``StageInputs``.

@@ -190,6 +190,7 @@ def build_snapshot(
     lineage: dict,
     settings: dict,
     index: OverlapIndex | None = None,
+    statements: dict[str, str] | None = None,
     majority=None,
 ) -> dict:
     """Writes ``out_dir`` (DatasetDict + card + manifest) atomically and returns the manifest.
@@ -197,7 +198,8 @@ def build_snapshot(
     The shards are scanned lazily (see :func:`select_kept`), so memory grows with the kept samples, not
     with everything the E-step generated. With an ``index`` of evaluation texts, rows whose prompt or
     completion overlaps one are dropped after dedupe and *before* the cap, so a problem still keeps up to
-    ``max_per_problem`` clean solutions (``decontaminate.drop_overlapping``). ``majority`` (a
+    ``max_per_problem`` clean solutions (``decontaminate.drop_overlapping``, with the problems'
+    ``statements``). ``majority`` (a
     ``factory.pseudo_labels.Majority``) keeps the samples that agree with majority-vote labels instead of
     the verifier's correct ones, and records the labels' precision against the hidden gold (of the rows
     finally kept) under ``pseudo_labels``.
@@ -221,7 +223,7 @@ def build_snapshot(
     )
     counts.update({"decontaminate": index is not None, **dict.fromkeys(_DECON_FIELDS)})
     if index is not None:
-        kept, dropped = drop_overlapping(kept, index)
+        kept, dropped = drop_overlapping(kept, index, statements=statements)
         kept = kept.filter(pl.int_range(pl.len()).over("problem_id") < max_per_problem)
         counts.update(
             num_kept=kept.height,
@@ -353,6 +355,7 @@ def snapshot_stage(
         },
         settings={n: OmegaConf.to_container(cfg[n], resolve=True) for n in ("task", "sampler", "snapshot")},
         index=index if cfg.snapshot.decontaminate else None,
+        statements={str(p["problem_id"]): p["question"] for p in problems or []} or None,
         majority=majority,
     )
 

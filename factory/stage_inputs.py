@@ -269,14 +269,20 @@ class StageInputs:
         )
 
     def training_pairs(self, k: int | str) -> list[dict]:
-        """The M-step's prompt/completion pairs: iteration ``k``'s snapshot (plus the human seeds with
-        ``loop.include_human_data``), or the human seeds alone for ``sft_human``."""
+        """The M-step's prompt/completion pairs: iteration ``k``'s snapshot (plus, with a curriculum, the
+        latest solutions of the problems it skipped, and the human seeds with ``loop.include_human_data``),
+        or the human seeds alone for ``sft_human``."""
         from factory.base_model import human_pairs
         from factory.models import load_tokenizer
 
         if k == "sft_human":
             return human_pairs(self.task, tokenizer=load_tokenizer(self.base))
         pairs = snapshot_pairs(self.run_dir.stage(k, "dataset"))
+        problems, counts = self.plan(k)
+        if counts is not None:  # a curriculum skipped problems: their latest solutions come along
+            from factory.curriculum import carried_pairs
+
+            pairs += carried_pairs(self.run_dir, k, {p["problem_id"] for p in problems})
         if self.cfg.loop.include_human_data:
             pairs += human_pairs(self.task, tokenizer=load_tokenizer(self.base))
         return pairs

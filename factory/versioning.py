@@ -157,21 +157,27 @@ def snapshot_inputs(
         "num_samples": int(cfg.sampler.num_samples),
         "verifier": _settings(cfg, "task", TASK_THROUGHPUT_KEYS),
         "snapshot": snapshot_settings(cfg),
-        "eval_texts": eval_texts_sha,
+        # Only with decontamination on: snapshots made without it before it existed keep their versions.
+        **({"eval_texts": eval_texts_sha} if eval_texts_sha is not None else {}),
         "seed": int(cfg.seed),
     }
 
 
 # Keys that only majority-vote labelling reads: with snapshot.label=gold they change nothing, so they stay
-# out of a gold snapshot's version (snapshots made before the keys existed keep theirs).
+# out of a gold snapshot's version; likewise the decontamination keys with snapshot.decontaminate=false.
+# So a snapshot made before these keys existed keeps its version when they are off (arith's default).
 MAJORITY_KEYS = ("label", "min_votes", "min_share")
+DECONTAMINATION_KEYS = ("decontaminate", "ngram")
 
 
 def snapshot_settings(cfg: DictConfig) -> dict:
-    """The ``snapshot.*`` settings that shape the snapshot (the majority keys only with label=majority)."""
+    """The ``snapshot.*`` settings that shape the snapshot (the majority keys only with label=majority,
+    the decontamination keys only with decontaminate=true)."""
     values = OmegaConf.to_container(cfg.snapshot, resolve=True)
     if values.get("label", "gold") == "gold":
         values = {k: v for k, v in values.items() if k not in MAJORITY_KEYS}
+    if not values.get("decontaminate", False):
+        values = {k: v for k, v in values.items() if k not in DECONTAMINATION_KEYS}
     return values
 
 

@@ -46,6 +46,8 @@ def test_plan_skips_solved_and_boosts_rare(tmp_path):
     assert counts == {"b": 8, "c": 8, "d": 4, "e": 4}
     # Off by default: every problem, sampler.num_samples each.
     assert not curriculum.is_active(_cfg())
+    # A plan that changes nothing (no rates yet: iteration 1) is the plain E-step: same inputs, cache.
+    assert curriculum.plan(problems, {}, cfg) == (problems, None)
 
 
 def test_plan_needs_the_earlier_verdicts(tmp_path):
@@ -64,6 +66,8 @@ def test_plan_needs_the_earlier_verdicts(tmp_path):
             ["curriculum.rare_below=0.8", "curriculum.rare_samples=8", "curriculum.skip_solved_at=0.5"],
             "must be <= curriculum.skip_solved_at",
         ),
+        (["curriculum.rare_samples=8"], "curriculum.rare_samples is set but curriculum.rare_below is null"),
+        (["curriculum.skip_solved_at=0.5", "snapshot.label=majority"], "majority labelling must not read"),
     ],
 )
 def test_config_errors(overrides, message):
@@ -111,10 +115,28 @@ def test_loop_pruning_changes_the_sampled_problems(make_cfg, easy_arith):
     rates = dict(first.select("problem_id", "pass_rate").iter_rows())
     expected = {p: (6 if r < 0.25 else 4) for p, r in rates.items() if r < 0.5}
     assert 0 < len(expected) < 40, "the test needs problems on both sides of the threshold"
+    assert 6 in expected.values(), "the test needs rarely solved problems"
     second = read_shards(run_dir.stage(2, "samples"), ["problem_id", "sample_idx"])
     sampled = dict(second.group_by("problem_id").len().iter_rows())
     assert sampled == expected
     assert read_json(run_dir.stage(2, "samples") / "stage.json")["num_problems"] == len(expected)
+    # M-step 2 trains on snapshot 2 plus the kept solutions of the problems iteration 2 skipped.
+    from datasets import load_from_disk
+
+    from factory.stage_inputs import StageInputs, snapshot_pairs
+    from factory.tasks import build_task
+
+    first_rows = load_from_disk(str(run_dir.stage(1, "dataset")))["train"]
+    skipped = [
+        {"prompt": p, "completion": c}
+        for pid, p, c in zip(
+            first_rows["problem_id"], first_rows["prompt"], first_rows["completion"], strict=True
+        )
+        if pid not in expected
+    ]
+    assert skipped, "the test needs solved problems that iteration 2 skipped"
+    pairs = StageInputs(cfg, task=build_task(cfg.task), run_dir=run_dir).training_pairs(2)
+    assert pairs == snapshot_pairs(run_dir.stage(2, "dataset")) + skipped  # snapshots sort by problem id
     report = (run_dir.root / "report.md").read_text()
     assert "## Yield by difficulty" in report and "| 2 | never (0%) |" in report
     # The same command again reuses every stage (the plan is recomputed from the same verdicts).

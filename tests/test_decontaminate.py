@@ -106,6 +106,24 @@ def test_drop_overlapping_counts_by_reason():
     assert empty.is_empty() and none["num_dropped_prompt"] == 0
 
 
+def test_the_problem_check_reads_the_statement_not_the_rendered_prompt():
+    """A few-shot exemplar that overlaps a test text is in every prompt: with the statements at hand only
+    the problem whose own statement overlaps is dropped."""
+    index = _index(STATEMENT)
+    shots = f"Question: {STATEMENT}\nAnswer: 252\n\n"
+    rows = _rows(
+        [
+            ("a", 0, f"{shots}Question: Tom has 3 cats.\nAnswer: ", "He has 3 cats. The answer is 3."),
+            ("b", 0, f"{shots}Question: {STATEMENT}\nAnswer: ", "12*3*7=252. The answer is 252."),
+        ]
+    )
+    statements = {"a": "Tom has 3 cats. How many cats?", "b": STATEMENT}
+    clean, found = drop_overlapping(rows, index, statements=statements)
+    assert clean["problem_id"].to_list() == ["a"] and found["num_dropped_prompt"] == 1
+    # Without statements the prompt is checked, exemplar included: every row goes.
+    assert drop_overlapping(rows, index)[0].is_empty()
+
+
 def test_evaluation_splits_follow_the_config(make_cfg):
     assert evaluation_splits(make_cfg()) == ["test"]
     assert evaluation_splits(make_cfg("eval.split=validation")) == ["test", "validation"]

@@ -247,11 +247,18 @@ def test_a_problem_that_was_not_generated_is_refused(task):
         ("task.prompt_style=fewshot", r"task.prompt_style='fewshot'; allowed for reasoning_gym: plain, chat"),
         ("task.strictness=steps", r"task.strictness='steps'; allowed for reasoning_gym: answer"),
         ("task.verifier_workers=0", r"task.verifier_workers must be >= 1"),
+        ("snapshot.label=majority", r"snapshot.label=majority needs a task that groups answers"),
     ],
 )
 def test_bad_config_fails_naming_the_key(override, message):
     with pytest.raises(ValueError, match=rf"^config error: {message}"):
         compose(["task=reasoning_gym", override])
+
+
+def test_decontamination_is_off_by_default():
+    """The splits are disjoint by question text, and many datasets share a long instruction in every
+    question (leg_counting's is 18 words), which the 13-gram check would match in every test question."""
+    assert compose(["task=reasoning_gym"]).snapshot.decontaminate is False
 
 
 def test_missing_package_says_how_to_install_it(monkeypatch):
