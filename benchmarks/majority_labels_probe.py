@@ -58,8 +58,8 @@ def main() -> None:
         "iteration=1",
         "name=majority_labels_probe",
     ]
-    if args.task == "arith":
-        overrides += ["task.strictness=steps", "task.max_steps=3", "task.human_max_steps=3"]
+    if args.task == "arith":  # the SmolLM2 arith recipe's task (1-3 operations, strictness=steps)
+        overrides.insert(0, "experiment=arith_smollm2")
     cfg = compose(overrides)
     start = time.time()
     print(sample.run(cfg), flush=True)

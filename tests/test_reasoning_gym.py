@@ -142,7 +142,14 @@ def test_extract_answer_reads_the_last_answer_line_to_the_end():
     assert rg_verifier.extract_answer("**Answer:** 12") == "12"
     assert rg_verifier.extract_answer("Answer: **12**") == "12"
     assert rg_verifier.extract_answer("Answer:\n1 2\n3 4") == "1 2\n3 4"  # grids span lines
-    for none in ("the answer is 3", "Answer:   ", None, 42):
+    # Without "Answer:", the last "the answer is X" (SmolLM2's usual ending), X to the end of its line.
+    assert rg_verifier.extract_answer("The final answer is 1754. So, the answer is 1754.") == "1754"
+    assert rg_verifier.extract_answer('Therefore, the answer is "18".') == "18"
+    assert rg_verifier.extract_answer("So the answer is: 0.33\nThanks!") == "0.33"
+    assert rg_verifier.extract_answer("the ANSWER IS **-4**") == "-4"
+    assert rg_verifier.extract_answer("The answer is") is None
+    assert rg_verifier.extract_answer("Answer: 3. I think the answer is 4") == "3. I think the answer is 4"
+    for none in ("Answer:   ", None, 42):
         assert rg_verifier.extract_answer(none) is None
 
 
