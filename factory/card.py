@@ -124,7 +124,7 @@ def _section(name: str, entry: dict) -> str:
 | cut at the token limit (all / correct, dropped) | {entry.get("num_truncated")} / {entry.get("num_dropped_truncated")} |
 | cap per problem | {entry.get("max_per_problem")} (dedupe: {entry.get("dedupe")}) |
 | problems with a kept solution | {entry.get("num_problems_solved")} of {entry.get("num_problems")} |
-| decontamination (dropped: prompt / completion overlap) | {_decontamination(entry)} |
+| decontamination (dropped: statement / completion overlap) | {_decontamination(entry)} |
 {_pseudo_label_rows(entry.get("pseudo_labels"))}"""
 
 

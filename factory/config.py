@@ -244,7 +244,7 @@ class TrainerConfig:
 class SnapshotConfig:
     max_per_problem: int = 10  # the paper's cap, so easy problems do not dominate
     dedupe: bool = True
-    # Drop kept rows whose prompt or completion shares a word n-gram with the run's evaluation sets
+    # Drop kept rows whose problem statement or completion shares a word n-gram with the run's evaluation sets
     # (factory/decontaminate.py); before the cap.
     decontaminate: bool = True
     ngram: int = 13  # GPT-3's n

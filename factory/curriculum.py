@@ -60,8 +60,11 @@ def latest_pass_rates(run_dir, iteration: int) -> dict[str, float]:
     return rates
 
 
-def plan(problems: list[dict], rates: dict[str, float], cfg: DictConfig) -> tuple[list[dict], dict[str, int]]:
-    """The problems iteration k samples (in their order) and the samples each gets.
+def plan(
+    problems: list[dict], rates: dict[str, float], cfg: DictConfig
+) -> tuple[list[dict], dict[str, int] | None]:
+    """The problems iteration k samples (in their order) and the samples each gets; (``problems``, None)
+    when the plan changes nothing (the plain E-step).
 
     Args:
         problems: every training problem.

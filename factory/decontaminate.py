@@ -220,14 +220,14 @@ def format_section(overlaps: dict | None, manifests: dict[int, dict]) -> str:
     lines = ["## Decontamination", ""]
     if overlaps is not None:
         lines += [
-            f"Word {overlaps['ngram']}-grams of the training prompts and completions against "
+            f"Word {overlaps['ngram']}-grams of the training problems' statements and completions against "
             f"{overlaps['num_eval_texts']} evaluation texts (statements and solutions of the "
             f"{', '.join(overlaps['eval_splits'])} split(s); {overlaps['num_too_short']} too short to check).",
             "",
         ]
     if checked:
         lines += [
-            "| iteration | checked (after dedupe) | dropped: prompt | dropped: completion | kept |",
+            "| iteration | checked (after dedupe) | dropped: statement | dropped: completion | kept |",
             "|---|---|---|---|---|",
         ]
         for k, m in sorted(checked.items()):
@@ -241,7 +241,7 @@ def format_section(overlaps: dict | None, manifests: dict[int, dict]) -> str:
         lines.append(
             f"Training problems whose statement overlaps an evaluation set: {len(found)} of "
             f"{overlaps['num_train_problems']} (all in `decontamination.json`; their samples are dropped "
-            "by the prompt check)."
+            "by the statement check)."
         )
         if found:
             lines += [

@@ -160,7 +160,11 @@ def _iteration(cfg: DictConfig, stages: StageInputs, k: int) -> None:
             problems=stages.train_problems,
         )
     manifest = read_json(run_dir.stage(k, "dataset") / "manifest.json")
-    if manifest["num_kept"] == 0 and cfg.loop.include_human_data:
+    # A curriculum's skipped problems bring their latest solutions along (StageInputs.carried_pairs).
+    carried = len(stages.carried_pairs(k)) if manifest["num_kept"] == 0 else 0
+    if manifest["num_kept"] == 0 and carried:
+        log.warning("iteration %d: the snapshot kept 0 samples; training on %d carried solutions", k, carried)
+    elif manifest["num_kept"] == 0 and cfg.loop.include_human_data:
         log.warning("iteration %d: the snapshot kept 0 samples; training on the human data alone", k)
     elif manifest["num_kept"] == 0:
         raise EmptySnapshotError(

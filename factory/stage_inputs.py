@@ -145,7 +145,7 @@ class StageInputs:
         self.cfg, self.task, self.run_dir = cfg, task, run_dir
         self._prompts: dict[tuple[str, str], str] = {}
         self._pairs: dict[int | str, str] = {}
-        self._plans: dict[int, tuple[list[dict], dict[str, int]]] = {}
+        self._plans: dict[int, tuple[list[dict], dict[str, int] | None]] = {}
 
     @cached_property
     def base(self):
@@ -196,6 +196,16 @@ class StageInputs:
             rates = curriculum.latest_pass_rates(self.run_dir, k)
             self._plans[k] = curriculum.plan(self.train_problems, rates, self.cfg)
         return self._plans[k]
+
+    def carried_pairs(self, k: int) -> list[dict]:
+        """The latest kept solutions of the problems a curriculum skipped in iteration ``k`` (none without
+        one): every M-step trains the base model on one iteration's data (``curriculum.carried_pairs``)."""
+        problems, counts = self.plan(k)
+        if counts is None:
+            return []
+        from factory.curriculum import carried_pairs
+
+        return carried_pairs(self.run_dir, k, {p["problem_id"] for p in problems})
 
     def _plan_sha(self, k: int) -> str:
         """The fingerprint of what ``k`` samples: the training problems, or the curriculum's plan."""
@@ -277,12 +287,7 @@ class StageInputs:
 
         if k == "sft_human":
             return human_pairs(self.task, tokenizer=load_tokenizer(self.base))
-        pairs = snapshot_pairs(self.run_dir.stage(k, "dataset"))
-        problems, counts = self.plan(k)
-        if counts is not None:  # a curriculum skipped problems: their latest solutions come along
-            from factory.curriculum import carried_pairs
-
-            pairs += carried_pairs(self.run_dir, k, {p["problem_id"] for p in problems})
+        pairs = snapshot_pairs(self.run_dir.stage(k, "dataset")) + self.carried_pairs(k)
         if self.cfg.loop.include_human_data:
             pairs += human_pairs(self.task, tokenizer=load_tokenizer(self.base))
         return pairs

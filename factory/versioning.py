@@ -158,7 +158,12 @@ def snapshot_inputs(
         "verifier": _settings(cfg, "task", TASK_THROUGHPUT_KEYS),
         "snapshot": snapshot_settings(cfg),
         # Only with decontamination on: snapshots made without it before it existed keep their versions.
-        **({"eval_texts": eval_texts_sha} if eval_texts_sha is not None else {}),
+        # The check's method joins them: the first version compared rendered prompts, not statements.
+        **(
+            {"eval_texts": eval_texts_sha, "decontamination": "statements"}
+            if eval_texts_sha is not None
+            else {}
+        ),
         "seed": int(cfg.seed),
     }
 

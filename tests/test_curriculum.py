@@ -214,3 +214,58 @@ def test_smollm2_curriculum_plans_from_its_own_verdicts(smollm2_dir, tmp_path):
     else:  # every problem solved: the loop stopped before iteration 2's E-step
         assert not run_dir.is_done(2, "samples")
     print(f"\nSmolLM2 iteration 1 pass rates {first}; iteration 2 planned {expected}")
+
+
+def _dataset(run_dir: RunDir, k: int, rows: list[tuple[str, str]]) -> None:
+    """A finished snapshot of iteration ``k`` with (problem id, completion) rows."""
+    from datasets import Dataset, DatasetDict
+
+    from factory.rundir import atomic_dir, mark_done
+
+    columns = {"problem_id": [r[0] for r in rows], "prompt": [f"Q{r[0]}" for r in rows]}
+    with atomic_dir(run_dir.stage(k, "dataset")) as tmp:
+        train = Dataset.from_dict({**columns, "completion": [r[1] for r in rows]})
+        DatasetDict({"train": train}).save_to_disk(str(tmp))
+        mark_done(tmp, seconds=0.0)
+
+
+def test_carried_pairs_come_from_the_latest_snapshot_with_the_problem(tmp_path):
+    """Iteration 3 skipped "a" (solved in 1, skipped in 2 as well) and "b": "a" comes from snapshot 1,
+    "b" from snapshot 2 (the latest), "c" (sampled in 3) is not carried."""
+    run_dir = RunDir(tmp_path)
+    _dataset(run_dir, 1, [("a", "a1"), ("a", "a2"), ("b", "b1"), ("c", "c1")])
+    _dataset(run_dir, 2, [("b", "b2"), ("c", "c2")])
+    pairs = curriculum.carried_pairs(run_dir, 3, sampled={"c"})
+    assert [p["completion"] for p in pairs] == ["a1", "a2", "b2"]
+    assert curriculum.carried_pairs(run_dir, 3, sampled={"a", "b", "c"}) == []
+
+
+def test_an_empty_snapshot_with_carried_solutions_still_trains(make_cfg, monkeypatch):
+    """The loop's empty-snapshot stop counts the carried solutions: snapshot 2 kept nothing, but the
+    problems iteration 2 skipped bring theirs, so M-step 2 runs on them."""
+    import factory.loop as loop
+    from factory.rundir import write_json
+
+    cfg = make_cfg()
+    run_dir = RunDir(cfg.paths.run_dir)
+    (run_dir.stage(2, "dataset")).mkdir(parents=True)
+    write_json(
+        run_dir.stage(2, "dataset") / "manifest.json", {"num_kept": 0, "num_samples": 8, "status_counts": {}}
+    )
+    trained = []
+
+    class Stages:
+        def __init__(self, carried):
+            self.run_dir, self.carried = run_dir, carried
+
+        def is_current(self, k, name):
+            return name != "model"
+
+        def carried_pairs(self, k):
+            return self.carried
+
+    monkeypatch.setattr(loop, "_train", lambda cfg, stages, k, desc: trained.append(k))
+    loop._iteration(cfg, Stages([{"prompt": "Q", "completion": "A"}]), 2)
+    assert trained == [2]
+    with pytest.raises(loop.EmptySnapshotError, match="kept 0 of 8 samples"):
+        loop._iteration(cfg, Stages([]), 2)

@@ -281,7 +281,7 @@ def test_snapshot_command_drops_a_planted_test_duplicate(make_cfg, tiny_model_di
     lineage = next(iter(read_lineage(run_dir.stage(1, "dataset") / "README.md").values()))
     assert lineage["num_dropped_prompt_overlap"] == 2 and lineage["num_dropped_completion_overlap"] == 1
     card = (run_dir.stage(1, "dataset") / "README.md").read_text()
-    assert "| decontamination (dropped: prompt / completion overlap) | 2 / 1 (word 13-grams" in card
+    assert "| decontamination (dropped: statement / completion overlap) | 2 / 1 (word 13-grams" in card
 
     # Another evaluation set gives another version: the finished snapshot is refused, naming it.
     _gsm8k_dir(tmp_path / "data", changed_test=True)
@@ -290,6 +290,23 @@ def test_snapshot_command_drops_a_planted_test_duplicate(make_cfg, tiny_model_di
     # The same evaluation set: skipped.
     _gsm8k_dir(tmp_path / "data")
     assert "skipped" in snapshot.run(cfg)
+
+
+def test_the_snapshot_stage_checks_the_statements(make_cfg, tiny_model_dir, tmp_path, monkeypatch):
+    """The snapshot stage hands every training problem's statement to the check (not only prompts)."""
+    needs_data("gsm8k/train.jsonl", "gsm8k/test.jsonl")
+    cfg = _gsm8k_cfg(make_cfg, _gsm8k_dir(tmp_path / "data"), tiny_model_dir)
+    train, _ = _write_shards(cfg)
+    seen = {}
+    real = snapshot.drop_overlapping
+
+    def spy(rows, index, *, statements=None):
+        seen.update(statements or {})
+        return real(rows, index, statements=statements)
+
+    monkeypatch.setattr(snapshot, "drop_overlapping", spy)
+    snapshot.run(cfg)
+    assert seen == {p["problem_id"]: p["question"] for p in train}
 
 
 def test_snapshot_command_with_decontamination_off(make_cfg, tiny_model_dir, tmp_path):
@@ -302,7 +319,7 @@ def test_snapshot_command_with_decontamination_off(make_cfg, tiny_model_dir, tmp
     run_dir = RunDir(cfg.paths.run_dir)
     assert not (run_dir.root / "decontamination.json").exists()
     card = (run_dir.stage(1, "dataset") / "README.md").read_text()
-    assert "| decontamination (dropped: prompt / completion overlap) | off |" in card
+    assert "| decontamination (dropped: statement / completion overlap) | off |" in card
 
 
 def test_training_overlaps_on_real_gsm8k():

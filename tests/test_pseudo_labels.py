@@ -247,6 +247,8 @@ def test_versions_follow_the_majority_settings_only_in_majority_mode(make_cfg):
     gold = version_inputs()
     # The majority keys are left out in gold mode, the decontamination keys when it is off (arith).
     assert gold == {"max_per_problem": 10, "dedupe": True}  # as before the keys existed
+    ids = {"policy_fingerprint": "p", "problems_sha": "q", "prompts_sha": "r", "iteration": 1}
+    assert "eval_texts" not in snapshot_inputs(make_cfg(), **ids)  # decontamination off: nothing added
     assert version_inputs("snapshot.min_votes=3") == gold
     majority = version_inputs("snapshot.label=majority")
     assert majority["label"] == "majority" and majority != gold

@@ -148,6 +148,10 @@ def test_extract_answer_reads_the_last_answer_line_to_the_end():
     assert rg_verifier.extract_answer("So the answer is: 0.33\nThanks!") == "0.33"
     assert rg_verifier.extract_answer("the ANSWER IS **-4**") == "-4"
     assert rg_verifier.extract_answer("The answer is") is None
+    assert rg_verifier.extract_answer("The answer is 18. Let me check: 9 + 9 = 18.") == "18"
+    assert rg_verifier.extract_answer("So the answer is 3.5, I think") == "3.5, I think"
+    for hedge in ("The answer isn't 5", "The answer is not 5", "the answer is at most 10"):
+        assert rg_verifier.extract_answer(hedge) is None
     assert rg_verifier.extract_answer("Answer: 3. I think the answer is 4") == "3. I think the answer is 4"
     for none in ("Answer:   ", None, 42):
         assert rg_verifier.extract_answer(none) is None

@@ -3,9 +3,9 @@
 The final answer is the text after the last ``Answer:`` in the completion (the form the prompts ask for and
 the human solutions use), to its end (so multi-line answers such as grids fit), with whitespace and
 markdown bold (``**``) around it stripped. A completion without ``Answer:`` falls back to the last "the
-answer is X" phrase (any case, ``:`` optional), X to the end of its line without quotes or a final period:
-instruct models such as SmolLM2-135M-Instruct mostly end that way (120 of 128 chain_sum samples had no
-``Answer:``). Only the format is lenient: ``score_answer`` still decides. The reward is 1 when ``score_answer`` gives at least the task's
+answer is X" phrase (any case, ``:`` optional, not "is not ..."), X to the end of its sentence or line,
+without quotes: instruct models such as SmolLM2-135M-Instruct mostly end that way (README "reasoning-gym
+tasks"). Only the format is lenient: ``score_answer`` still decides. The reward is 1 when ``score_answer`` gives at least the task's
 threshold, else 0 (ReST-EM's binary reward; reasoning-gym's partial credit is recorded in the detail).
 
 ``score_answer`` is third-party code run on untrusted model output (some datasets parse it with sympy or
@@ -25,7 +25,9 @@ ANSWER_MARKER = "Answer:"
 # Longer answers are not scored (status "too_long"): a runaway generation must not reach score_answer,
 # whose parsers may be far from linear. Long golds (big grids) raise the cap to four times their length.
 MAX_ANSWER_CHARS = 4000
-_ANSWER_IS = re.compile(r"answer is:?", re.IGNORECASE)
+# "the answer is X": a whole word "is" (not "isn't"), X not a hedge ("not 5", "at most 10").
+_ANSWER_IS = re.compile(r"\banswer is\b:?(?![ \t]*(?:not|at most|at least|unclear|unknown)\b)", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"\.(?:\s|$)|\n")
 # Address-space cap per worker, so a runaway computation raises MemoryError instead of swapping.
 WORKER_MEMORY_MB = 4096
 
@@ -47,9 +49,10 @@ def extract_answer(completion: object) -> str | None:
         phrases = list(_ANSWER_IS.finditer(completion))
         if not phrases:
             return None
-        line = completion[phrases[-1].end() :].split("\n", 1)[0]
-        # 'So, the answer is "18".' -> 18: quotes, bold and the sentence's period are not the answer.
-        text = line.strip().removesuffix(".").strip().strip("*\"'`").strip()
+        rest = completion[phrases[-1].end() :]
+        # X ends with its sentence ('18. Let me check' -> 18) or line; quotes and bold are not the answer.
+        end = _SENTENCE_END.search(rest)
+        text = (rest[: end.start()] if end else rest).strip().strip("*\"'`").strip()
         return text or None
     text = completion[at + len(ANSWER_MARKER) :].strip()
     # "**Answer:** 42" and "Answer: **42**": markdown bold is layout, not part of the answer.
