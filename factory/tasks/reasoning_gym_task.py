@@ -20,6 +20,7 @@ from functools import cache
 
 from omegaconf import DictConfig, OmegaConf
 
+from factory.tasks.arith import format_chat_prompt
 from factory.tasks.loading import answer_strictness, config_fingerprint
 from factory.verifiers import reasoning_gym as rg_verifier
 
@@ -164,14 +165,7 @@ class ReasoningGymTask:
             ValueError: For ``chat`` without a tokenizer that has a chat template.
         """
         if self.cfg.prompt_style == "chat":
-            if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-                got = "no tokenizer" if tokenizer is None else f"a {type(tokenizer).__name__} without one"
-                raise ValueError(
-                    f"task.prompt_style=chat needs a tokenizer with a chat template (got {got}); "
-                    "use task.prompt_style=plain for the tiny local model"
-                )
-            message = {"role": "user", "content": f"{problem['question']}\n\n{CHAT_INSTRUCTION}"}
-            return tokenizer.apply_chat_template([message], tokenize=False, add_generation_prompt=True)
+            return format_chat_prompt(problem, tokenizer, instruction=CHAT_INSTRUCTION)
         return f"Q: {problem['question']}\nA: "
 
     def stop_strings(self) -> list[str]:
